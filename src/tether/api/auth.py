@@ -1,0 +1,40 @@
+"""Bearer-key authentication for REST routes and socket upgrades."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import Request
+
+from tether.api.errors import ApiError
+from tether.node import Node
+from tether.store.base import Principal
+
+
+def bearer(headers: Mapping[str, str], query: Mapping[str, str] | None = None) -> str | None:
+    """The key from `Authorization: Bearer`, else from `?token=` (browsers); the header wins."""
+    value = headers.get("authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if query is not None:
+        token = query.get("token")
+        if token:
+            return token
+    return None
+
+
+def node_of(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+async def require_principal(request: Request) -> Principal:
+    secret = bearer(request.headers)
+    if secret is None:
+        raise ApiError(401, "UNAUTHORIZED", "missing API key: send Authorization: Bearer <key>")
+    principal = await node_of(request).auth.resolve(secret)
+    if principal is None:
+        raise ApiError(401, "UNAUTHORIZED", "invalid or revoked API key")
+    return principal

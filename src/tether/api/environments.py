@@ -1,0 +1,194 @@
+"""REST routes of the Environments API: register, list, retrieve, send a message, teleport."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from tether.api.auth import node_of, require_principal
+from tether.api.errors import ApiError
+from tether.api.responses import Json
+from tether.api.schemas import (
+    EnvironmentConnection,
+    EnvironmentList,
+    ErrorBody,
+    RegisterRequest,
+    RegisterResponse,
+    SendMessageRequest,
+    SendMessageResponse,
+    TeleportRequest,
+    TeleportResponse,
+)
+from tether.clock import now_ms
+from tether.store.base import Principal, UnknownCursor
+from tether.teleports import TeleportError, render
+
+router = APIRouter(prefix="/v1/environments", tags=["environments"])
+Caller = Annotated[Principal, Depends(require_principal)]
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody},
+    401: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+}
+
+
+def _parse_limit(text: str | None) -> int:
+    if text is None or text == "":
+        return DEFAULT_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(400, "INVALID_LIMIT", f"limit must be an integer from 1 to {MAX_LIMIT}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise ApiError(400, "INVALID_LIMIT", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return value
+
+
+def _parse_bool(name: str, text: str | None) -> bool:
+    if text is None or text == "":
+        return False
+    value = text.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise ApiError(400, f"INVALID_{name.upper()}", f"{name} must be true or false")
+
+
+def ws_base(request: Request) -> str:
+    node = node_of(request)
+    base = node.settings.public_url or str(request.base_url)
+    base = base.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :]
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :]
+    return base
+
+
+@router.post("/register", response_model=RegisterResponse, responses=_ERRORS)
+async def register(body: RegisterRequest, request: Request, caller: Caller) -> Json:
+    """Register a device listener slot and lease it a connection (what `letta server` calls)."""
+    node = node_of(request)
+    payload = body.model_dump(exclude_unset=True)
+    metadata = payload.get("metadata") or {}
+    if len(orjson.dumps(metadata)) > 64 * 1024:
+        raise ApiError(400, "METADATA_TOO_LARGE", "metadata must serialise to at most 64 KiB")
+    return Json(await node.register(caller, payload, ws_base(request)))
+
+
+@router.get("", response_model=EnvironmentList, responses=_ERRORS)
+async def list_environments(
+    request: Request,
+    caller: Caller,
+    after: Annotated[str | None, Query(description="Id of the last row of the previous page.")] = None,
+    limit: Annotated[str | None, Query(description=f"Page size, 1-{MAX_LIMIT}; default {DEFAULT_LIMIT}.")] = None,
+    onlineOnly: Annotated[str | None, Query(description="true: only online environments.")] = None,
+    source: Annotated[str | None, Query(description="remote (relay-backed) or local.")] = None,
+    userId: Annotated[str | None, Query(description="Only rows of this user.")] = None,
+) -> Json:
+    """List the organization's environments, oldest registration first (`firstSeenAt`, then `id`)."""
+    page_size = _parse_limit(limit)
+    online_only = _parse_bool("onlineOnly", onlineOnly)
+    if source not in (None, "", "remote", "local"):
+        raise ApiError(400, "INVALID_SOURCE", "source must be remote or local")
+    if source == "local":
+        # Every environment Tether knows is relay-backed; local (desktop) ones never reach it.
+        return Json({"connections": [], "hasNextPage": False})
+    node = node_of(request)
+    try:
+        rows, more = await node.list_environments(caller.org_id, page_size, after or None, userId, online_only)
+    except UnknownCursor:
+        raise ApiError(400, "INVALID_CURSOR", "after must be the id of an environment from a previous page") from None
+    return Json({"connections": rows, "hasNextPage": more})
+
+
+@router.post("/{connectionId}/messages", response_model=SendMessageResponse, responses=_ERRORS)
+async def send_message(
+    body: SendMessageRequest,
+    request: Request,
+    caller: Caller,
+    connectionId: Annotated[str, Path(min_length=1)],
+) -> Json:
+    """Hand messages to the device holding this lease. `success` means written to its socket."""
+    node = node_of(request)
+    row = await node.relay_target(caller, connectionId)
+    if row is None:
+        raise ApiError(404, "CONNECTION_NOT_FOUND", f"no connection {connectionId!r} in this organization")
+    raw = orjson.loads(await request.body())  # forwarded untouched, not as re-serialised by the model
+    forwarded = {k: raw[k] for k in ("agentId", "conversationId", "messages") if k in raw}
+    _ = body
+    outcome = await node.send_message(caller, row, forwarded)
+    if outcome.duplicate:
+        return Json({"success": True, "message": "Message already delivered"})
+    if not outcome.delivered:
+        return Json({"success": False, "message": outcome.reason})
+    return Json({"success": True, "message": "Message sent"})
+
+
+@router.post(
+    "/runtimes/{agentId}/{conversationId}/teleport",
+    response_model=TeleportResponse,
+    status_code=202,
+    responses={**_ERRORS, 409: {"model": ErrorBody}},
+)
+async def teleport(
+    body: TeleportRequest,
+    request: Request,
+    caller: Caller,
+    agentId: Annotated[str, Path(min_length=1)],
+    conversationId: Annotated[str, Path(min_length=1)],
+) -> Json:
+    """Move a conversation's runtime to another environment; poll `teleports/{id}` for the outcome."""
+    if conversationId in ("default", "new"):
+        raise ApiError(400, "INVALID_CONVERSATION", "teleport needs an explicit conversation id")
+    node = node_of(request)
+    try:
+        row = await node.teleports.create(
+            caller, agentId, conversationId, body.targetConnectionId, body.idempotencyKey, body.sourceConnectionId
+        )
+    except TeleportError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return Json(render(row, now_ms()), status_code=202)
+
+
+@router.get(
+    "/runtimes/{agentId}/{conversationId}/teleports/{teleportId}",
+    response_model=TeleportResponse,
+    responses=_ERRORS,
+)
+async def get_teleport(
+    request: Request,
+    caller: Caller,
+    agentId: str,
+    conversationId: str,
+    teleportId: str,
+) -> Json:
+    row = await node_of(request).store.get_teleport(caller.org_id, teleportId)
+    if row is None or row.agent_id != agentId or row.conversation_id != conversationId:
+        raise ApiError(404, "TELEPORT_NOT_FOUND", f"no teleport {teleportId!r} for this conversation")
+    return Json(render(row, now_ms()))
+
+
+@router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_ERRORS)
+async def retrieve_environment(
+    request: Request, caller: Caller, deviceId: Annotated[str, Path(min_length=1)]
+) -> Json:
+    """One environment by its stable deviceId (the freshest listener slot when several share it)."""
+    # The ASGI path is already percent-decoded, so `%2F` inside an id would read as a separator:
+    # take the id from the raw path instead. Registered last, so it never shadows other routes.
+    raw_path: bytes = request.scope.get("raw_path") or b""
+    prefix = b"/v1/environments/"
+    if raw_path.startswith(prefix):
+        deviceId = unquote_to_bytes(raw_path[len(prefix) :]).decode("utf-8", "replace")
+    row = await node_of(request).get_environment(caller.org_id, deviceId)
+    if row is None:
+        raise ApiError(404, "ENVIRONMENT_NOT_FOUND", f"no environment with deviceId {deviceId!r}")
+    return Json(row)

@@ -1,0 +1,85 @@
+"""The client edge: `/v1/environments/{connectionId}/status/ws` (client-protocol §2)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import APIRouter, WebSocket
+
+from tether.api.auth import bearer
+from tether.api.errors import error_response
+from tether.api.transport import WsTransport
+from tether.clock import now_ms
+from tether.node import Node
+from tether.protocol.feeds import Scope
+from tether.protocol.frames import FrameError, decode
+from tether.protocol.ratelimit import TokenBucket
+
+log = logging.getLogger("tether.relay_socket")
+router = APIRouter()
+
+SOCKET_ID_HEADER = b"x-tether-socket-id"
+# Closes after which a client will not come back for its history.
+_FINAL_CLOSES = {1000, 1001}
+
+
+@router.websocket("/v1/environments/{connection_id}/status/ws")
+async def relay_socket(ws: WebSocket, connection_id: str) -> None:
+    node: Node = ws.app.state.node
+    params = ws.query_params
+    secret = bearer(ws.headers, params)
+    principal = await node.auth.resolve(secret) if secret else None
+    if principal is None:
+        await ws.send_denial_response(error_response(401, "UNAUTHORIZED", "missing or invalid API key"))
+        return
+    row = await node.relay_target(principal, connection_id)
+    if row is None:
+        await ws.send_denial_response(
+            error_response(404, "CONNECTION_NOT_FOUND", f"no connection {connection_id!r} in this organization")
+        )
+        return
+    if not await node.device_reachable(connection_id):
+        await ws.send_denial_response(error_response(503, "ENVIRONMENT_OFFLINE", "the environment is offline"))
+        return
+    scope = Scope(params.get("agentId") or None, params.get("conversationId") or None)
+    channel = params.get("channel") or None
+    resume = None
+    resume_id = params.get("resume")
+    if resume_id:
+        try:
+            resume = (resume_id, int(params.get("resumeFrom", "0")))
+        except ValueError:
+            resume = (resume_id, 0)
+    socket_id = resume_id if resume and node.can_resume(connection_id, resume_id, principal.key_id) else uuid.uuid4().hex
+    await ws.accept(headers=[(SOCKET_ID_HEADER, socket_id.encode())])
+    sock = await node.relay_opened(principal, connection_id, WsTransport(ws), scope, channel, resume, socket_id)
+    bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
+    close_code = 1006
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                close_code = int(message.get("code") or 1006)
+                break
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes")
+            if data is None:
+                continue
+            try:
+                frame = decode(data)
+            except FrameError as exc:
+                node.relay_error(sock, None, f"malformed frame: {exc}", "malformed_frame")
+                continue
+            if frame.type == "ping":
+                node.relay_ping(sock)
+                continue
+            if frame.type == "ack":
+                continue
+            if not bucket.allow(now_ms()):
+                node.relay_error(sock, frame.request_id, "rate limit exceeded; slow down", "rate_limited")
+                continue
+            await node.relay_command(sock, frame)
+    finally:
+        await node.relay_closed(sock, resumable=close_code not in _FINAL_CLOSES)

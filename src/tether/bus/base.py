@@ -1,0 +1,56 @@
+"""Cross-pod routing. A device's sockets live on one pod; its clients may sit on any pod.
+
+Three kinds of traffic cross pods: commands to a device (request/reply: the sender learns whether
+the frame was written), device events to the pods watching that connection, and control of a
+device's sockets (close it: a newer registration took the slot). `memory` is the one-pod loopback;
+`redis` carries the same calls between pods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from tether.protocol.frames import Frame
+
+
+class DeviceState(str, Enum):
+    ONLINE = "online"  # the pair is ready: commands may flow
+    AWAY = "away"  # the socket dropped; the device may come back within the grace window
+    OFFLINE = "offline"  # declared gone: relay sockets close
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """What a device's pod publishes to the pods watching that connection."""
+
+    frame: Frame | None = None
+    gap_before: bool = False  # device frames were lost just before this one
+    state: DeviceState | None = None
+
+
+class BusHandler(Protocol):
+    """This pod's side of the bus: implemented by the hub."""
+
+    async def write_to_device(self, connection_id: str, text: str) -> bool: ...
+    def on_device_event(self, connection_id: str, event: DeviceEvent) -> None: ...
+    async def close_device(self, connection_id: str, code: int, reason: str) -> bool: ...
+
+
+class Bus(Protocol):
+    def bind(self, handler: BusHandler) -> None: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def send_to_device(self, connection_id: str, owner_pod: str, text: str) -> bool:
+        """Write `text` to the device's control socket on `owner_pod`; True once written."""
+        ...
+    def publish(self, connection_id: str, event: DeviceEvent) -> None:
+        """Queue a device event for the *other* pods watching `connection_id`; never blocks."""
+        ...
+    async def watch(self, connection_id: str) -> None: ...
+    async def unwatch(self, connection_id: str) -> None: ...
+    async def close_device(self, connection_id: str, owner_pod: str, code: int, reason: str) -> bool: ...
+    @property
+    def healthy(self) -> bool: ...

@@ -1,0 +1,43 @@
+"""The one-pod bus: every call lands on this pod's hub directly."""
+
+from __future__ import annotations
+
+from tether.bus.base import BusHandler, DeviceEvent
+
+
+class MemoryBus:
+    def __init__(self) -> None:
+        self._handler: BusHandler | None = None
+
+    def bind(self, handler: BusHandler) -> None:
+        self._handler = handler
+
+    @property
+    def handler(self) -> BusHandler:
+        assert self._handler is not None, "bus used before the hub was bound"
+        return self._handler
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def send_to_device(self, connection_id: str, owner_pod: str, text: str) -> bool:
+        return await self.handler.write_to_device(connection_id, text)
+
+    def publish(self, connection_id: str, event: DeviceEvent) -> None:
+        return None  # there are no other pods
+
+    async def watch(self, connection_id: str) -> None:
+        return None
+
+    async def unwatch(self, connection_id: str) -> None:
+        return None
+
+    async def close_device(self, connection_id: str, owner_pod: str, code: int, reason: str) -> bool:
+        return await self.handler.close_device(connection_id, code, reason)
+
+    @property
+    def healthy(self) -> bool:
+        return True

@@ -1,0 +1,164 @@
+"""The `tether` command: serve, migrate, keys, device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from tether.clock import now_ms
+from tether.config import Settings, describe_settings, load_settings
+from tether.store.base import SchemaTooNew
+from tether.store.sql import SqlStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether",
+        description="Tether: a self-hostable router for the Letta Environments API.",
+        epilog=describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the router (applies migrations first)",
+        epilog=describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", help="address to listen on (TETHER_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (TETHER_PORT)")
+
+    sub.add_parser("migrate", help="apply database migrations (TETHER_DATABASE_URL)")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints the secret alone on the last line")
+    create.add_argument("--org", required=True, help="organization name (created on first use)")
+    create.add_argument("--user", required=True, help="user name within the organization (created on first use)")
+    create.add_argument("--name", default="api key", help="a label for the key")
+    keys_sub.add_parser("list", help="list keys (never shows secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+
+    from tether.device import run as device_run
+
+    device = sub.add_parser("device", help="run the reference device (a simulated Letta Code listener)")
+    device_run.add_arguments(device)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        if args.command == "serve":
+            return serve(settings.with_overrides(**_given(host=args.host, port=args.port)))
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "keys":
+            return asyncio.run(_keys(settings, args))
+        if args.command == "device":
+            from tether.device import run as device_run
+
+            return asyncio.run(device_run.run(args))
+    except SchemaTooNew as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _given(**values: object) -> dict[str, object]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from tether.app import create_app
+
+    try:
+        asyncio.run(_migrate(settings, quiet=True))
+    except SchemaTooNew as exc:
+        print(f"tether: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=False,
+        ws_ping_interval=None,  # devices ping in-band; WebSocket pings would only add traffic
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_drain_seconds) + 5,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    _ = signal  # uvicorn installs SIGINT/SIGTERM handlers; the app's lifespan drains on shutdown
+    server.run()
+    return 0
+
+
+async def _migrate(settings: Settings, quiet: bool = False) -> int:
+    store = SqlStore(settings.resolved_database_url)
+    try:
+        await store.start()
+    finally:
+        await store.close()
+    if not quiet:
+        print(f"migrated {_redact(settings.resolved_database_url)} to the latest schema")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    store = SqlStore(settings.resolved_database_url)
+    await store.start()
+    try:
+        if args.keys_command == "create":
+            secret = await store.create_key(args.org, args.user, args.name, now_ms())
+            print(f"created key for user {args.user!r} in organization {args.org!r}; store it now, it is not shown again:")
+            print(secret)
+            return 0
+        if args.keys_command == "list":
+            rows = await store.list_keys()
+            print(f"{'KEY ID':<18} {'ORG':<20} {'USER':<20} {'NAME':<20} {'CREATED':<20} STATUS")
+            for k in rows:
+                created = dt.datetime.fromtimestamp(k.created_at / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+                status = "revoked" if k.revoked_at else "active"
+                print(f"{k.key_id:<18} {k.org_name:<20} {k.user_name:<20} {k.name:<20} {created:<20} {status}")
+            return 0
+        if args.keys_command == "revoke":
+            if await store.revoke_key(args.key_id, now_ms()):
+                print(f"revoked {args.key_id}")
+                return 0
+            print(f"tether: no active key {args.key_id!r}", file=sys.stderr)
+            return 1
+    finally:
+        await store.close()
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Settings, read once from ``TETHER_*`` environment variables.
+
+Every bound the router enforces is a setting here, so that `tether --help` documents all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def _default_pod_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def _opt_str(text: str) -> str | None:
+    return text or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
+    port: int = field(default=8283, metadata={"doc": "Port to listen on."})
+    data_dir: str = field(
+        default=".tether",
+        metadata={"doc": "Directory for the embedded SQLite database and the development key file."},
+    )
+    database_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "SQLAlchemy async URL. Default: sqlite+aiosqlite:///<data_dir>/tether.db. "
+            "PostgreSQL: postgresql+asyncpg://user@host:5432/db.",
+            "parse": _opt_str,
+        },
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "redis://host:6379/0 switches routing and liveness from in-process to Redis (many pods).",
+            "parse": _opt_str,
+        },
+    )
+    public_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "External base URL (http[s]://host[:port]) used to build device wsUrl. "
+            "Default: derived from each register request.",
+            "parse": _opt_str,
+        },
+    )
+    pod_id: str = field(
+        default_factory=_default_pod_id,
+        metadata={"doc": "Name of this pod, shown as podId on rows. Default: <hostname>-<pid>."},
+    )
+    log_level: str = field(default="info", metadata={"doc": "debug, info, warning or error."})
+    bootstrap_key: bool = field(
+        default=True,
+        metadata={
+            "doc": "On start with no API key in the database, create a development key, print it once "
+            "and write it to <data_dir>/dev-key (mode 0600).",
+            "parse": _bool,
+        },
+    )
+    max_frame_bytes: int = field(
+        default=20 * MiB,
+        metadata={"doc": "Largest WebSocket message accepted on any socket (devices send up to 16 MiB)."},
+    )
+    max_body_bytes: int = field(
+        default=4 * MiB, metadata={"doc": "Largest REST request body; larger bodies get 413."}
+    )
+    offline_after_seconds: float = field(
+        default=120.0,
+        metadata={"doc": "A device with no ping for this long is offline (the clients' own rule is 120 s)."},
+    )
+    reconnect_grace_seconds: float = field(
+        default=10.0,
+        metadata={
+            "doc": "How long relay sockets stay open after a device socket drops, waiting for it to "
+            "reconnect with the same lease."
+        },
+    )
+    lease_ttl_seconds: float = field(
+        default=900.0,
+        metadata={
+            "doc": "A lease with no device socket for this long expires; a reconnect then gets close "
+            "code 1008 and the device re-registers. Devices re-register by themselves after 5 min."
+        },
+    )
+    heartbeat_flush_seconds: float = field(
+        default=15.0,
+        metadata={"doc": "Interval at which in-memory heartbeats are written to the database."},
+    )
+    pod_ttl_seconds: float = field(
+        default=15.0,
+        metadata={"doc": "Cluster mode: a pod that has not refreshed its liveness for this long is dead."},
+    )
+    dedupe_seconds: float = field(
+        default=120.0,
+        metadata={"doc": "Window in which a repeated client_message_id to one connection is not re-sent."},
+    )
+    client_queue_frames: int = field(
+        default=4096,
+        metadata={"doc": "Outbound frames queued per relay socket before the slow client is closed (4008)."},
+    )
+    client_queue_bytes: int = field(
+        default=32 * MiB,
+        metadata={"doc": "Outbound bytes queued per relay socket before the slow client is closed (4008)."},
+    )
+    device_queue_frames: int = field(
+        default=4096,
+        metadata={"doc": "Frames queued towards one device socket before the command is refused."},
+    )
+    history_frames: int = field(
+        default=1000,
+        metadata={"doc": "Frames each relay socket keeps for resume (?resume=&resumeFrom=)."},
+    )
+    history_bytes: int = field(
+        default=8 * MiB, metadata={"doc": "Bytes each relay socket keeps for resume."}
+    )
+    history_seconds: float = field(
+        default=120.0,
+        metadata={"doc": "How long a closed relay socket's history stays resumable."},
+    )
+    reorder_wait_ms: float = field(
+        default=50.0,
+        metadata={
+            "doc": "How long a device frame that arrived ahead of a lower event_seq (split sockets "
+            "interleave) is held before it is released anyway."
+        },
+    )
+    send_timeout_seconds: float = field(
+        default=10.0,
+        metadata={"doc": "Longest wait for a frame to be written to a device (REST send, cross-pod)."},
+    )
+    rate_limit_per_second: float = field(
+        default=200.0,
+        metadata={"doc": "Commands per second one relay socket may send (burst of twice that)."},
+    )
+    shutdown_drain_seconds: float = field(
+        default=10.0,
+        metadata={"doc": "On SIGTERM, device sockets are closed spread over this window with jitter."},
+    )
+    split_channels: bool = field(
+        default=True,
+        metadata={"doc": "Advertise split control/stream device sockets with paired generations.",
+                  "parse": _bool},
+    )
+    auth_cache_seconds: float = field(
+        default=10.0,
+        metadata={"doc": "How long a verified API key is cached; a revoked key stops working within this."},
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{os.path.abspath(os.path.join(self.data_dir, 'tether.db'))}"
+
+    @property
+    def env_vars(self) -> dict[str, str]:
+        return {f.name: f"TETHER_{f.name.upper()}" for f in fields(self)}
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _parser(f: Any) -> Callable[[str], Any]:
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return parse  # type: ignore[no-any-return]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "int":
+        return int
+    if kind == "float":
+        return float
+    return str
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the environment; a malformed value is a clear error naming the variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        name = f"TETHER_{f.name.upper()}"
+        if name in env:
+            try:
+                values[f.name] = _parser(f)(env[name])
+            except ValueError as exc:
+                raise SystemExit(f"invalid {name}={env[name]!r}: {exc}") from exc
+    return Settings(**values)
+
+
+def describe_settings() -> str:
+    """The environment-variable table printed by ``tether --help``."""
+    lines = ["environment variables:"]
+    defaults = Settings(pod_id="<hostname>-<pid>")
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        lines.append(f"  TETHER_{f.name.upper()}  (default: {default!r})")
+        lines.append(f"      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from tether.device.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,553 @@
+"""The node wires storage, live state, the bus and the hub, and holds the router's operations.
+
+The edges (REST routes, device socket, relay socket) call into the node; the node calls the store
+for durable rows, live state for presence, the hub for this pod's sockets and the bus for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tether.bus.base import Bus, DeviceEvent, DeviceState
+from tether.clock import now_ms
+from tether.config import Settings
+from tether.hub import ClientSocket, DeviceLink, DeviceSocket, Hub, Transport, Watch
+from tether.livestate.base import LiveState
+from tether.protocol.feeds import Scope
+from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync, status_fields
+from tether.protocol.history import History
+from tether.protocol.pairing import Hello, Lost, Ready
+from tether.protocol.presence import Liveness, is_online, is_silent, lease_expired
+from tether.store.base import (
+    EnvironmentRow,
+    Heartbeat,
+    ListQuery,
+    Principal,
+    Registration,
+    StatusUpdate,
+    Store,
+)
+
+log = logging.getLogger("tether.node")
+
+CLOSE_LEASE_UNKNOWN = 1008
+CLOSE_REPLACED = 1000
+REPLACED_REASON = "Replaced by new connection"
+CLOSE_HEARTBEAT_TIMEOUT = 4004
+CLOSE_DRAIN = 1012
+# Frames whose runtime tells which device runs a conversation (for teleport's source lookup).
+_RUNTIME_MARKERS = frozenset({"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"})
+
+
+class LeaseRefused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    delivered: bool
+    duplicate: bool = False
+    reason: str = ""
+
+
+class AuthCache:
+    """Verified keys for a short while, so the hot paths do not hit the database per request."""
+
+    def __init__(self, store: Store, ttl_ms: float, max_entries: int = 10_000) -> None:
+        self.store = store
+        self.ttl_ms = ttl_ms
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def resolve(self, secret: str) -> Principal | None:
+        now = now_ms()
+        hit = self._cache.get(secret)
+        if hit is not None and now - hit[0] < self.ttl_ms:
+            return hit[1]
+        principal = await self.store.authenticate(secret)
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[secret] = (now, principal)
+        return principal
+
+
+class Node:
+    def __init__(self, settings: Settings, store: Store, live: LiveState, bus: Bus) -> None:
+        self.settings = settings
+        self.pod_id = settings.pod_id
+        self.store = store
+        self.live = live
+        self.bus = bus
+        self.hub = Hub(bus, settings.reorder_wait_ms)
+        bus.bind(self.hub)
+        self.auth = AuthCache(store, settings.auth_cache_seconds * 1000)
+        self.offline_after_ms = int(settings.offline_after_seconds * 1000)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._status_pending: dict[str, StatusUpdate] = {}
+        self._status_writers: set[str] = set()
+        self.draining = False
+        from tether.teleports import Teleports
+
+        self.teleports = Teleports(self)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.live.start()
+        await self.bus.start()
+        await self.store.clear_dead_pods(await self.live.live_pods(), now_ms())
+        loops = [self._flush_loop(), self._sweep_loop()]
+        self._tasks = [asyncio.get_running_loop().create_task(loop) for loop in loops]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_heartbeats()
+        now = now_ms()
+        for link in list(self.hub.devices.values()):
+            if link.ready:
+                with contextlib.suppress(Exception):
+                    await self.store.mark_disconnected(link.connection_id, self.pod_id, now)
+        await self.bus.close()
+        await self.live.close()
+        await self.store.close()
+
+    async def drain(self, window_s: float) -> None:
+        """Close device sockets spread over the window (with jitter) so devices reconnect elsewhere."""
+        self.draining = True
+        links = [link for link in self.hub.devices.values() if link.pairing.sockets()]
+        random.shuffle(links)
+        if not links:
+            return
+        step = window_s / len(links)
+        for i, link in enumerate(links):
+            target = i * step + random.uniform(0, step)
+            await asyncio.sleep(max(0.0, target - (i and (i - 1) * step)) if i == 0 else step)
+            for sock in link.pairing.sockets():
+                await sock.close(CLOSE_DRAIN, "router pod shutting down")
+
+    async def ready(self) -> tuple[bool, str]:
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            return False, f"database unreachable: {exc.__class__.__name__}"
+        if not self.live.healthy:
+            return False, "live state (Redis) unavailable"
+        if not self.bus.healthy:
+            return False, "bus (Redis) subscription not running"
+        if self.draining:
+            return False, "draining"
+        return True, "ok"
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_flush_seconds)
+            try:
+                await self._flush_heartbeats()
+                if self.settings.redis_url:
+                    # Only Redis knows which other pods are alive; one pod clears stale rows at start.
+                    await self.store.clear_dead_pods(await self.live.live_pods(), now_ms())
+            except Exception as exc:
+                log.warning("heartbeat flush failed: %r", exc)
+
+    async def _flush_heartbeats(self) -> None:
+        dirty = self.live.take_dirty()
+        if dirty:
+            await self.store.flush_heartbeats([Heartbeat(c, hb) for c, hb in dirty.items()])
+
+    async def _sweep_loop(self) -> None:
+        interval = min(5.0, max(0.05, self.settings.offline_after_seconds / 10))
+        while True:
+            await asyncio.sleep(interval)
+            now = now_ms()
+            for link in list(self.hub.devices.values()):
+                if link.ready and is_silent(link.last_heartbeat, now, self.offline_after_ms):
+                    log.info("device %s silent for %ss: dropping it", link.connection_id, self.settings.offline_after_seconds)
+                    for sock in link.pairing.sockets():
+                        await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
+            self.teleports.tick(now)
+
+    # ---- REST: environments --------------------------------------------------------------
+
+    async def register(self, principal: Principal, body: dict[str, Any], ws_base: str) -> dict[str, Any]:
+        connection_id = f"conn-{uuid.uuid4().hex}"
+        now = now_ms()
+        result = await self.store.register(
+            Registration(
+                org_id=principal.org_id,
+                user_id=principal.user_id,
+                device_id=body["deviceId"],
+                listener_instance_id=body.get("listenerInstanceId"),
+                connection_name=body["connectionName"],
+                metadata=body.get("metadata") or {},
+                connection_id=connection_id,
+                now_ms=now,
+            )
+        )
+        previous = result.previous_connection_id
+        if previous is not None:
+            # A newer registration took the slot: the old process must stop (device-protocol §4.2).
+            owner = (await self.live.lookup([previous])).get(previous)
+            if owner is not None:
+                await self.bus.close_device(previous, owner.pod_id, CLOSE_REPLACED, REPLACED_REASON)
+        split = self.settings.split_channels
+        return {
+            "connectionId": connection_id,
+            "wsUrl": f"{ws_base}/v1/environments/ws/{connection_id}",
+            "supportsSplitStatusChannels": split,
+            "supportsPairedListenerGenerations": split,
+        }
+
+    async def render(self, rows: list[EnvironmentRow]) -> list[dict[str, Any]]:
+        leases = [r.connection_id for r in rows if r.connection_id]
+        live = await self.live.lookup(leases) if leases else {}
+        pods = await self.live.live_pods() if live else set()
+        now = now_ms()
+        return [self._render(row, live.get(row.connection_id or ""), pods, now) for row in rows]
+
+    def _render(self, row: EnvironmentRow, live: Liveness | None, pods: set[str], now: int) -> dict[str, Any]:
+        online = is_online(live, now, self.offline_after_ms, live is not None and live.pod_id in pods)
+        last_heartbeat = live.last_heartbeat if live is not None else row.last_heartbeat
+        last_seen = max(row.last_seen_at, last_heartbeat or 0)
+        return {
+            "id": row.id,
+            "connectionId": row.connection_id if online else None,
+            "connectionName": row.connection_name,
+            "deviceId": row.device_id,
+            "listenerInstanceId": row.listener_instance_id,
+            "organizationId": row.org_id,
+            "userId": row.user_id,
+            "apiKeyOwner": row.api_key_owner,
+            "podId": live.pod_id if online and live else None,
+            "connectedAt": live.connected_at if online and live else None,
+            "lastHeartbeat": last_heartbeat,
+            "lastSeenAt": last_seen,
+            "firstSeenAt": row.first_seen_at,
+            "currentMode": row.current_mode,
+            "metadata": row.metadata,
+        }
+
+    async def list_environments(
+        self, org_id: str, limit: int, after: str | None, user_id: str | None, online_only: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        if not online_only:
+            rows = await self.store.list_environments(ListQuery(org_id, limit + 1, after, user_id))
+            rendered = await self.render(rows[:limit])
+            return rendered, len(rows) > limit
+        # Rows a pod claims are candidates; the exact online rule (heartbeat age, pod alive) is
+        # applied here, fetching further batches when some candidates turn out stale.
+        found: list[dict[str, Any]] = []
+        cursor = after
+        while len(found) <= limit:
+            batch = await self.store.list_environments(
+                ListQuery(org_id, limit + 1, cursor, user_id, only_connected=True)
+            )
+            if not batch:
+                break
+            found.extend(r for r in await self.render(batch) if r["connectionId"] is not None)
+            cursor = batch[-1].id
+            if len(batch) <= limit:
+                break
+        return found[:limit], len(found) > limit
+
+    async def get_environment(self, org_id: str, device_id: str) -> dict[str, Any] | None:
+        rows = await self.store.get_by_device(org_id, device_id)
+        if not rows:
+            return None
+        rendered = await self.render(rows)
+        # Several listener slots may share a device: prefer the online one with the freshest heartbeat.
+        return max(
+            rendered,
+            key=lambda r: (r["connectionId"] is not None, r["lastHeartbeat"] or 0, r["lastSeenAt"]),
+        )
+
+    # ---- sending to a device -------------------------------------------------------------
+
+    async def owner_of(self, connection_id: str) -> str | None:
+        live = (await self.live.lookup([connection_id])).get(connection_id)
+        if live is None or not is_online(live, now_ms(), self.offline_after_ms):
+            return None
+        return live.pod_id
+
+    async def send_to_device(self, connection_id: str, text: str) -> bool:
+        owner = await self.owner_of(connection_id)
+        if owner is None:
+            return False
+        try:
+            return await asyncio.wait_for(
+                self.bus.send_to_device(connection_id, owner, text), self.settings.send_timeout_seconds
+            )
+        except TimeoutError:
+            return False
+
+    async def send_message(self, principal: Principal, row: EnvironmentRow, body: dict[str, Any]) -> SendOutcome:
+        assert row.connection_id is not None
+        frame: dict[str, Any] = {"type": "message", **body}
+        key = _dedupe_key(row.connection_id, body)
+        if key is not None and not await self.live.claim(key):
+            return SendOutcome(delivered=True, duplicate=True)
+        delivered = await self.send_to_device(row.connection_id, encode(frame))
+        if not delivered and key is not None:
+            await self.live.release(key)
+        if delivered:
+            agent = body.get("agentId")
+            conv = body.get("conversationId") or "default"
+            if isinstance(agent, str):
+                self.live.note_runtime(principal.org_id, agent, conv, row.connection_id)
+        return SendOutcome(delivered=delivered, reason="" if delivered else "Environment is offline")
+
+    # ---- device sockets ------------------------------------------------------------------
+
+    async def open_lease(self, principal: Principal | None, connection_id: str) -> EnvironmentRow:
+        if principal is None:
+            raise LeaseRefused("invalid API key")
+        row = await self.store.get_by_connection(connection_id)
+        if row is None or row.org_id != principal.org_id:
+            raise LeaseRefused("unknown connection")
+        owner = (await self.live.lookup([connection_id])).get(connection_id)
+        last_activity = max(row.last_seen_at, row.lease_issued_at or 0, row.last_heartbeat or 0)
+        ttl_ms = self.settings.lease_ttl_seconds * 1000
+        if owner is None and connection_id not in self.hub.devices and lease_expired(last_activity, now_ms(), ttl_ms):
+            raise LeaseRefused("lease expired")
+        return row
+
+    async def device_opened(self, row: EnvironmentRow, sock: DeviceSocket, hello: Hello) -> DeviceLink:
+        assert row.connection_id is not None
+        link = self.hub.link(row.connection_id, row.org_id, row.device_id, row.connection_name)
+        await self._pairing_actions(link, link.pairing.opened(sock, hello))
+        return link
+
+    async def device_closed(self, link: DeviceLink, sock: DeviceSocket) -> None:
+        sock.closed = True
+        await self._pairing_actions(link, link.pairing.closed(sock))
+
+    async def _pairing_actions(self, link: DeviceLink, actions: list[Any]) -> None:
+        await self.hub.apply(actions)
+        for action in actions:
+            if isinstance(action, Ready):
+                await self._device_ready(link)
+            elif isinstance(action, Lost):
+                await self._device_lost(link)
+
+    async def _device_ready(self, link: DeviceLink) -> None:
+        now = now_ms()
+        link.last_heartbeat = now
+        if link.away_timer is not None:
+            link.away_timer.cancel()
+            link.away_timer = None
+        previous = (await self.live.lookup([link.connection_id])).get(link.connection_id)
+        await self.live.device_connected(link.connection_id, self.pod_id, now)
+        if previous is not None and previous.pod_id != self.pod_id:
+            # The device came back through another pod while the old one may hold a half-open socket.
+            await self.bus.close_device(link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere")
+        await self.store.mark_connected(link.connection_id, self.pod_id, now)
+        self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.ONLINE))
+        log.info("device %s (%s) online", link.connection_id, link.connection_name)
+
+    async def _device_lost(self, link: DeviceLink) -> None:
+        self.hub.flush_reorder(link)
+        await self.live.device_disconnected(link.connection_id, self.pod_id)
+        await self.store.mark_disconnected(link.connection_id, self.pod_id, now_ms())
+        if link.replaced or self.draining:
+            self._declare_offline(link)
+            return
+        self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.AWAY))
+        loop = asyncio.get_running_loop()
+        if link.away_timer is not None:
+            link.away_timer.cancel()
+        link.away_timer = loop.call_later(self.settings.reconnect_grace_seconds, self._declare_offline, link)
+
+    def _declare_offline(self, link: DeviceLink) -> None:
+        link.away_timer = None
+        if link.ready:
+            return
+        if self.hub.devices.get(link.connection_id) is link:
+            del self.hub.devices[link.connection_id]
+        self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.OFFLINE))
+        log.info("device %s (%s) offline", link.connection_id, link.connection_name)
+
+    async def device_frame(self, link: DeviceLink, sock: DeviceSocket, frame: Frame) -> None:
+        kind = frame.type
+        if kind == "ping":
+            await sock.send(PONG)
+            now = now_ms()
+            link.last_heartbeat = now
+            self.live.heartbeat(link.connection_id, now)
+            return
+        if kind in ("pong", "listener_ready"):
+            return
+        if kind == "update_device_status":
+            self._queue_status(link.connection_id, frame)
+        if kind in _RUNTIME_MARKERS and frame.agent_id and frame.conversation_id:
+            self.live.note_runtime(link.org_id, frame.agent_id, frame.conversation_id, link.connection_id)
+        self.hub.device_frame(link, frame)
+
+    def _queue_status(self, connection_id: str, frame: Frame) -> None:
+        fields = status_fields(frame.body)
+        if fields is None:
+            return
+        mode, patch = fields
+        pending = self._status_pending.get(connection_id)
+        merged = dict(pending.metadata_patch) if pending else {}
+        merged.update(patch)
+        self._status_pending[connection_id] = StatusUpdate(current_mode=mode, set_mode=True, metadata_patch=merged)
+        if connection_id not in self._status_writers:
+            self._status_writers.add(connection_id)
+            asyncio.get_running_loop().create_task(self._write_status(connection_id))
+
+    async def _write_status(self, connection_id: str) -> None:
+        """One write in flight per device; bursts of status frames coalesce into the latest."""
+        try:
+            while (update := self._status_pending.pop(connection_id, None)) is not None:
+                try:
+                    await self.store.update_status(connection_id, update, now_ms())
+                except Exception as exc:
+                    log.warning("status update for %s failed: %r", connection_id, exc)
+        finally:
+            self._status_writers.discard(connection_id)
+
+    # ---- relay sockets -------------------------------------------------------------------
+
+    async def relay_target(self, principal: Principal, connection_id: str) -> EnvironmentRow | None:
+        row = await self.store.get_by_connection(connection_id)
+        if row is None or row.org_id != principal.org_id:
+            return None
+        return row
+
+    async def device_reachable(self, connection_id: str) -> bool:
+        link = self.hub.devices.get(connection_id)
+        if link is not None:
+            return True  # online, or away within its grace window
+        return await self.owner_of(connection_id) is not None
+
+    async def relay_opened(
+        self,
+        principal: Principal,
+        connection_id: str,
+        transport: Transport,
+        scope: Scope,
+        channel: str | None,
+        resume: tuple[str, int] | None,
+        socket_id: str,
+    ) -> ClientSocket:
+        watch, created = self.hub.watch(connection_id)
+        if created:
+            await self.bus.watch(connection_id)
+        if resume is not None:
+            old = watch.detached.pop(resume[0], None)
+            if old is not None and old.key_id == principal.key_id:
+                missed = old.history.since(resume[1])
+                old.attach(transport, missed or [])
+                watch.sockets.add(old)
+                if missed is None:
+                    old.deliver(encode({"type": "resync_required", "reason": "resume point is no longer in history"}))
+                return old
+        sock = ClientSocket(
+            socket_id,
+            transport,
+            connection_id,
+            principal.key_id,
+            scope,
+            channel,
+            History(self.settings.history_frames, self.settings.history_bytes),
+            self.settings.client_queue_frames,
+            self.settings.client_queue_bytes,
+        )
+        sock.on_overflow = self._slow_client
+        sock.start()
+        fresh_scope = watch.add(sock)
+        if resume is not None:
+            sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
+        if fresh_scope and scope.agent_id is not None and watch.state is DeviceState.ONLINE:
+            await self.subscribe_scope(connection_id, scope)
+        return sock
+
+    def can_resume(self, connection_id: str, socket_id: str, key_id: str) -> bool:
+        watch = self.hub.watches.get(connection_id)
+        old = watch.detached.get(socket_id) if watch is not None else None
+        return old is not None and old.key_id == key_id
+
+    async def subscribe_scope(self, connection_id: str, scope: Scope) -> None:
+        """Subscribe the device connection to a scope: it emits scoped events only for subscribers."""
+        if scope.agent_id is None:
+            return
+        sync = scoped_sync(scope.agent_id, scope.conversation_id or "default", f"tether-sub-{uuid.uuid4().hex}")
+        await self.send_to_device(connection_id, sync)
+
+    def _slow_client(self, sock: ClientSocket) -> None:
+        log.info("relay socket %s cannot keep up (%d frames queued): closing it", sock.id, sock.queued)
+        asyncio.get_running_loop().create_task(self._drop_client(sock, 4008, "slow consumer: outbound queue full"))
+
+    async def _drop_client(self, sock: ClientSocket, code: int, reason: str) -> None:
+        watch = self.hub.watches.get(sock.connection_id)
+        await sock.close(code, reason)
+        if watch is not None:
+            watch.remove(sock)
+            await self.unwatch_if_idle(watch)
+
+    async def relay_command(self, sock: ClientSocket, frame: Frame) -> None:
+        watch = self.hub.watches.get(sock.connection_id)
+        if watch is None:
+            return
+        if frame.request_id is not None:
+            watch.remember_request(frame.request_id, sock)
+        if watch.state is not DeviceState.ONLINE:
+            self.hub.refuse(sock, frame.request_id, "environment offline")
+            return
+        if not await self.send_to_device(sock.connection_id, frame.text):
+            self.hub.refuse(sock, frame.request_id, "environment offline")
+
+    async def relay_closed(self, sock: ClientSocket, resumable: bool) -> None:
+        watch = self.hub.watches.get(sock.connection_id)
+        if watch is None:
+            return
+        if resumable and not sock.closed and watch.state is not DeviceState.OFFLINE:
+            watch.sockets.discard(sock)
+            sock.detach(now_ms())
+            watch.detached[sock.id] = sock
+            asyncio.get_running_loop().call_later(
+                self.settings.history_seconds, lambda: asyncio.ensure_future(self._expire_detached(watch, sock))
+            )
+            return
+        sock.closed = True
+        sock.stop_writer()
+        watch.remove(sock)
+        await self.unwatch_if_idle(watch)
+
+    async def _expire_detached(self, watch: Watch, sock: ClientSocket) -> None:
+        if watch.detached.get(sock.id) is sock and sock.detached_at is not None:
+            watch.remove(sock)
+            await self.unwatch_if_idle(watch)
+
+    async def unwatch_if_idle(self, watch: Watch) -> None:
+        if watch.empty and self.hub.watches.get(watch.connection_id) is watch:
+            del self.hub.watches[watch.connection_id]
+            await self.bus.unwatch(watch.connection_id)
+
+    def relay_ping(self, sock: ClientSocket) -> None:
+        sock.push(PONG)
+
+    def relay_error(self, sock: ClientSocket, request_id: str | None, message: str, code: str) -> None:
+        sock.push(error_frame(request_id, message, code))
+
+
+def _dedupe_key(connection_id: str, body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    first = messages[0]
+    if isinstance(first, dict) and isinstance(first.get("client_message_id"), str):
+        return f"msg:{connection_id}:{first['client_message_id']}"
+    return None

@@ -1,0 +1,20 @@
+"""A token bucket: how many commands one relay socket may send."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_ms = rate_per_s / 1000
+        self.burst = burst
+        self.tokens = burst
+        self.updated_ms: float | None = None
+
+    def allow(self, now_ms: float) -> bool:
+        if self.updated_ms is not None:
+            self.tokens = min(self.burst, self.tokens + (now_ms - self.updated_ms) * self.rate_per_ms)
+        self.updated_ms = now_ms
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
