@@ -125,16 +125,16 @@ class Node:
         await self.store.close()
 
     async def drain(self, window_s: float) -> None:
-        """Close device sockets spread over the window (with jitter) so devices reconnect elsewhere."""
+        """Close device sockets spread over the window, in random order at jittered instants, so
+        devices reconnect to other pods gradually instead of all at once."""
         self.draining = True
         links = [link for link in self.hub.devices.values() if link.pairing.sockets()]
-        random.shuffle(links)
         if not links:
             return
-        step = window_s / len(links)
-        for i, link in enumerate(links):
-            target = i * step + random.uniform(0, step)
-            await asyncio.sleep(max(0.0, target - (i and (i - 1) * step)) if i == 0 else step)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for at, link in sorted(((random.uniform(0, window_s), link) for link in links), key=lambda p: p[0]):
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
             for sock in link.pairing.sockets():
                 await sock.close(CLOSE_DRAIN, "router pod shutting down")
 
@@ -318,7 +318,7 @@ class Node:
             raise LeaseRefused("unknown connection")
         owner = (await self.live.lookup([connection_id])).get(connection_id)
         last_activity = max(row.last_seen_at, row.lease_issued_at or 0, row.last_heartbeat or 0)
-        ttl_ms = self.settings.lease_ttl_seconds * 1000
+        ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         if owner is None and connection_id not in self.hub.devices and lease_expired(last_activity, now_ms(), ttl_ms):
             raise LeaseRefused("lease expired")
         return row

@@ -24,6 +24,16 @@ SOCKET_ID_HEADER = b"x-tether-socket-id"
 _FINAL_CLOSES = {1000, 1001}
 
 
+def _resume_point(socket_id: str | None, after: str | None) -> tuple[str, int] | None:
+    """`?resume=<socket id>&resumeFrom=<last seq seen>`: the socket (from X-Tether-Socket-Id) to resume."""
+    if not socket_id:
+        return None
+    try:
+        return socket_id, max(0, int(after or "0"))
+    except ValueError:
+        return socket_id, 0
+
+
 @router.websocket("/v1/environments/{connection_id}/status/ws")
 async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     node: Node = ws.app.state.node
@@ -44,14 +54,11 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
         return
     scope = Scope(params.get("agentId") or None, params.get("conversationId") or None)
     channel = params.get("channel") or None
-    resume = None
-    resume_id = params.get("resume")
-    if resume_id:
-        try:
-            resume = (resume_id, int(params.get("resumeFrom", "0")))
-        except ValueError:
-            resume = (resume_id, 0)
-    socket_id = resume_id if resume and node.can_resume(connection_id, resume_id, principal.key_id) else uuid.uuid4().hex
+    resume = _resume_point(params.get("resume"), params.get("resumeFrom"))
+    if resume is not None and node.can_resume(connection_id, resume[0], principal.key_id):
+        socket_id = resume[0]
+    else:
+        socket_id = uuid.uuid4().hex
     await ws.accept(headers=[(SOCKET_ID_HEADER, socket_id.encode())])
     sock = await node.relay_opened(principal, connection_id, WsTransport(ws), scope, channel, resume, socket_id)
     bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
