@@ -41,7 +41,9 @@ LINE_LIMIT = 64 * 1024 * 1024
 
 REGISTERED = r"Registered successfully"
 CONNECTED = r"Connected\. Awaiting instructions\."
-_FRAME_LINE = re.compile(r"^\[[\d:.]+\] (?P<arrow>→ send|← recv)(?: \((?P<label>[^)]*)\))?  (?P<json>\{.*\})$")
+_FRAME_LINE = re.compile(
+    r"^\[[\d:.]+\] (?P<arrow>→ send|← recv)(?: \((?P<label>[^)]*)\))?  (?P<json>\{.*\})$"
+)
 
 
 class CliUnavailableError(RuntimeError):
@@ -72,7 +74,9 @@ def ensure_cli(version: str = LETTA_CODE_VERSION) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".letta-code-{version}-") as scratch:
         work = Path(scratch)
-        tarball = _npm(npm, ["pack", f"@letta-ai/letta-code@{version}", "--pack-destination", str(work)], work)
+        tarball = _npm(
+            npm, ["pack", f"@letta-ai/letta-code@{version}", "--pack-destination", str(work)], work
+        )
         with tarfile.open(work / tarball.strip().splitlines()[-1]) as archive:
             archive.extractall(work, filter="data")
         package = work / "package"
@@ -98,9 +102,7 @@ def ensure_cli(version: str = LETTA_CODE_VERSION) -> Path:
 
 def _npm(npm: str, args: list[str], cwd: Path) -> str:
     try:
-        done = subprocess.run(
-            [npm, *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
-        )
+        done = subprocess.run([npm, *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired as exc:
         raise CliUnavailableError(f"npm {' '.join(args)} timed out") from exc
     if done.returncode != 0:

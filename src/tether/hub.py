@@ -215,7 +215,11 @@ class Watch:
     requests: OrderedDict[str, ClientSocket] = field(default_factory=OrderedDict)
     listeners: set[FrameListener] = field(default_factory=set)
     losses: int = 0
-    state: DeviceState = DeviceState.ONLINE
+    state: DeviceState | None = None  # None: no change seen since this pod started watching
+
+    @property
+    def device_away(self) -> bool:
+        return self.state is DeviceState.AWAY or self.state is DeviceState.OFFLINE
 
     @property
     def empty(self) -> bool:
@@ -291,7 +295,7 @@ class Hub:
         self.reorder_wait_ms = reorder_wait_ms
         self.devices: dict[str, DeviceLink] = {}
         self.watches: dict[str, Watch] = {}
-        self.on_device_state: Callable[[DeviceLink, DeviceState], None] | None = None
+        self.on_watch_online: Callable[[Watch], None] | None = None
         self._ids = itertools.count(1)
 
     # ---- devices -------------------------------------------------------------------------
@@ -371,11 +375,14 @@ class Hub:
         if event.frame is not None:
             watch.deliver(event.frame, event.gap_before)
         if event.state is not None:
+            came_back = watch.device_away and event.state is DeviceState.ONLINE
             watch.state = event.state
             for listener in list(watch.listeners):
                 listener.on_device_state(connection_id, event.state)
             if event.state is DeviceState.OFFLINE:
                 asyncio.get_running_loop().create_task(self.close_watch(watch, "environment offline"))
+            elif came_back and self.on_watch_online is not None:
+                self.on_watch_online(watch)
 
     async def close_device(self, connection_id: str, code: int, reason: str) -> bool:
         link = self.devices.get(connection_id)

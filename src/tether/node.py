@@ -88,6 +88,7 @@ class Node:
         self.bus = bus
         self.hub = Hub(bus, settings.reorder_wait_ms)
         bus.bind(self.hub)
+        self.hub.on_watch_online = self._resubscribe
         self.auth = AuthCache(store, settings.auth_cache_seconds * 1000)
         self.offline_after_ms = int(settings.offline_after_seconds * 1000)
         self._tasks: list[asyncio.Task[None]] = []
@@ -402,7 +403,13 @@ class Node:
         pending = self._status_pending.get(connection_id)
         merged = dict(pending.metadata_patch) if pending else {}
         merged.update(patch)
-        self._status_pending[connection_id] = StatusUpdate(current_mode=mode, set_mode=True, metadata_patch=merged)
+        # A status without a permission mode leaves currentMode as it was.
+        keep_mode = "permissionMode" not in patch
+        if keep_mode and pending is not None and pending.set_mode:
+            mode, keep_mode = pending.current_mode, False
+        self._status_pending[connection_id] = StatusUpdate(
+            current_mode=mode, set_mode=not keep_mode, metadata_patch=merged
+        )
         if connection_id not in self._status_writers:
             self._status_writers.add(connection_id)
             asyncio.get_running_loop().create_task(self._write_status(connection_id))
@@ -470,7 +477,7 @@ class Node:
         fresh_scope = watch.add(sock)
         if resume is not None:
             sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
-        if fresh_scope and scope.agent_id is not None and watch.state is DeviceState.ONLINE:
+        if fresh_scope and scope.agent_id is not None and not watch.device_away:
             await self.subscribe_scope(connection_id, scope)
         return sock
 
@@ -485,6 +492,12 @@ class Node:
             return
         sync = scoped_sync(scope.agent_id, scope.conversation_id or "default", f"tether-sub-{uuid.uuid4().hex}")
         await self.send_to_device(connection_id, sync)
+
+    def _resubscribe(self, watch: Watch) -> None:
+        """The device (re)connected: subscriptions may be gone (re-registration, router restart)."""
+        for scope in list(watch.feeds):
+            if scope.agent_id is not None:
+                asyncio.get_running_loop().create_task(self.subscribe_scope(watch.connection_id, scope))
 
     def _slow_client(self, sock: ClientSocket) -> None:
         log.info("relay socket %s cannot keep up (%d frames queued): closing it", sock.id, sock.queued)
@@ -503,7 +516,7 @@ class Node:
             return
         if frame.request_id is not None:
             watch.remember_request(frame.request_id, sock)
-        if watch.state is not DeviceState.ONLINE:
+        if watch.device_away:
             self.hub.refuse(sock, frame.request_id, "environment offline")
             return
         if not await self.send_to_device(sock.connection_id, frame.text):

@@ -95,6 +95,8 @@ class Event:
 
     frame: Frame
     scope: Scope
+    # `update_device_status` is skipped when the socket already has an identical one, unless forced.
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +153,13 @@ class QueuedInput:
 
 
 @dataclass(slots=True)
-class PendingTeleport:
+class Teleport:
+    """A teleport this device is the source of: waiting for a turn boundary until `ready` is set."""
+
     teleport_id: str
-    since: float
-    ready: Frame | None = None  # the teleport_ready sent, kept so a repeated request can resend it
+    ready: Frame | None = None  # the teleport_ready sent, kept so that a repeated request resends it
+    ready_at: float | None = None
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -165,7 +170,7 @@ class Conversation:
     cancel_requested: bool = False
     queue: deque[QueuedInput] = field(default_factory=deque)
     dispositions: OrderedDict[str, str] = field(default_factory=OrderedDict)
-    teleport: PendingTeleport | None = None
+    teleports: OrderedDict[str, Teleport] = field(default_factory=OrderedDict)
     continued_teleports: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
@@ -300,18 +305,20 @@ class Behaviour:
         scope = parse_scope(frame.get("runtime")) if kind in SCOPED_COMMANDS else None
         return Reaction(subscribe=scope)
 
-    def snapshot(self, scope: Scope) -> list[Output]:
-        """What the device replays for a scope on `sync` and after a reconnect (§3.9)."""
-        outputs: list[Output] = [self.device_status(scope), self.loop_status(scope)]
-        conversation = self._conversations.get(scope)
-        if conversation is not None and conversation.queue:
-            outputs.append(self._queue_update(conversation, removed=[]))
+    def snapshot(self, scope: Scope, *, full: bool = True, force_status: bool = False) -> list[Output]:
+        """State replayed for a scope: all on `sync` (§3.5), only the two statuses on reconnect (§3.9)."""
+        outputs: list[Output] = [self.device_status(scope, force=force_status), self.loop_status(scope)]
+        if full:
+            conversation = self._conversations.get(scope)
+            queue = [item.wire() for item in conversation.queue] if conversation is not None else []
+            outputs.append(Event({"type": "update_queue", "queue": queue, "removed": []}, scope))
+            outputs.append(Event({"type": "update_subagent_state", "subagents": []}, scope))
         return outputs
 
     def scopes(self) -> list[Scope]:
         return list(self._conversations)
 
-    def device_status(self, scope: Scope) -> Event:
+    def device_status(self, scope: Scope, *, force: bool = False) -> Event:
         conversation = self._conversations.get(scope)
         settings = self.settings
         status = {
@@ -334,7 +341,7 @@ class Behaviour:
             "reflection_settings": {"trigger": "off", "step_count": 0},
             "supported_commands": list(SUPPORTED_COMMANDS),
         }
-        return Event({"type": "update_device_status", "device_status": status}, scope)
+        return Event({"type": "update_device_status", "device_status": status}, scope, force)
 
     def loop_status(self, scope: Scope, status: str | None = None) -> Event:
         conversation = self._conversations.get(scope)
@@ -422,7 +429,7 @@ class Behaviour:
                     self._input_accepted(scope, request_id, True, disposition=conversation.dispositions[key])
                 )
             return reaction
-        if conversation.teleport is not None and not self._teleport_expired(conversation.teleport):
+        if self._switching(conversation):
             if request_id:
                 reaction.outputs.append(
                     self._input_accepted(scope, request_id, False, error=TELEPORT_SWITCHING_ERROR)
@@ -453,9 +460,9 @@ class Behaviour:
             removed = [{"client_message_id": item.client_message_id, "disposition": "dequeued"}]
             yield self._queue_update(conversation, removed=removed)
         conversation.busy = False
-        teleport = conversation.teleport
-        if teleport is not None and teleport.ready is None and not self._teleport_expired(teleport):
-            yield self._teleport_ready(conversation, teleport)
+        waiting = self._unready_teleport(conversation)
+        if waiting is not None:
+            yield self._teleport_ready(conversation, waiting)
 
     def _turn(self, conversation: Conversation, reply: str, item: QueuedInput | None) -> Job:
         scope = conversation.scope
@@ -523,7 +530,8 @@ class Behaviour:
         scope = parse_scope(frame.get("runtime"))
         if scope is None:
             return Reaction()
-        reaction = Reaction(self.snapshot(scope), subscribe=scope)
+        force = frame.get("force_device_status") is True
+        reaction = Reaction(self.snapshot(scope, force_status=force), subscribe=scope)
         request_id = frame.get("request_id")
         if isinstance(request_id, str) and request_id:
             response = {
@@ -577,7 +585,10 @@ class Behaviour:
             "conversation": {"id": conversation_id, "agent_id": agent_id},
             "created": {"agent": created_agent, "conversation": created_conversation},
         }
-        return Reaction([*self.snapshot(scope), Reply(response)], subscribe=scope)
+        force = frame.get("force_device_status") is True
+        return Reaction(
+            [*self.snapshot(scope, full=False, force_status=force), Reply(response)], subscribe=scope
+        )
 
     def _on_abort(self, frame: Frame) -> Reaction:
         scope = parse_scope(frame.get("runtime"))
@@ -669,18 +680,30 @@ class Behaviour:
 
     # -- teleport (§6.2) ----------------------------------------------------------------------------
 
-    def _teleport_expired(self, teleport: PendingTeleport) -> bool:
-        return self._now() - teleport.since >= TELEPORT_MEMORY_SECONDS
+    def _prune_teleports(self, conversation: Conversation) -> None:
+        # Answered teleports are remembered for TELEPORT_MEMORY_SECONDS, as the real device does.
+        now = self._now()
+        for teleport_id, teleport in list(conversation.teleports.items()):
+            if teleport.ready_at is not None and now - teleport.ready_at >= TELEPORT_MEMORY_SECONDS:
+                del conversation.teleports[teleport_id]
 
-    def _teleport_ready(self, conversation: Conversation, teleport: PendingTeleport) -> Event:
-        frame = {
-            "type": "teleport_ready",
-            "teleport_id": teleport.teleport_id,
-            "success": True,
-            "active_turn": False,
-            "mode": self.settings.mode,
-        }
-        teleport.ready = frame
+    def _unready_teleport(self, conversation: Conversation) -> Teleport | None:
+        return next((t for t in conversation.teleports.values() if t.ready is None), None)
+
+    def _switching(self, conversation: Conversation) -> bool:
+        """Whether inputs are refused because the conversation is moving to another computer."""
+        self._prune_teleports(conversation)
+        return any(teleport.error is None for teleport in conversation.teleports.values())
+
+    def _teleport_ready(
+        self, conversation: Conversation, teleport: Teleport, *, error: str | None = None
+    ) -> Event:
+        frame: Frame = {"type": "teleport_ready", "teleport_id": teleport.teleport_id}
+        if error is None:
+            frame.update(success=True, active_turn=False, mode=self.settings.mode)
+        else:
+            frame.update(success=False, active_turn=False, error=error)
+        teleport.ready, teleport.ready_at, teleport.error = frame, self._now(), error
         return Event(dict(frame), conversation.scope)
 
     def _on_teleport_probe(self, frame: Frame) -> Reaction:
@@ -701,50 +724,59 @@ class Behaviour:
     def _on_teleport_request(self, frame: Frame) -> Reaction:
         scope = parse_scope(frame.get("runtime"))
         teleport_id = frame.get("teleport_id")
-        if scope is None or not (isinstance(teleport_id, str) and teleport_id):
+        target = frame.get("target")
+        if (
+            scope is None
+            or not isinstance(frame.get("request_id"), str)
+            or not isinstance(teleport_id, str)
+            or not isinstance(target, Mapping)
+            or not all(
+                isinstance(target.get(key), str) for key in ("connection_id", "device_id", "connection_name")
+            )
+        ):
             return Reaction()
         conversation = self._conversation(scope)
+        self._prune_teleports(conversation)
         reaction = Reaction(subscribe=scope)
-        pending = conversation.teleport
-        if pending is not None and self._teleport_expired(pending):
-            pending = conversation.teleport = None
-        if pending is not None:
-            if pending.teleport_id == teleport_id:
-                if pending.ready is not None:
-                    reaction.outputs.append(Event(dict(pending.ready), scope))
-                return reaction
-            refusal = {
-                "type": "teleport_ready",
-                "teleport_id": teleport_id,
-                "success": False,
-                "active_turn": False,
-                "error": TELEPORT_PENDING_ERROR,
-            }
-            reaction.outputs.append(Event(refusal, scope))
+        existing = conversation.teleports.get(teleport_id)
+        if existing is not None:
+            # Idempotent: repeat the answer if there was one, otherwise it is still coming.
+            if existing.ready is not None:
+                reaction.outputs.append(Event(dict(existing.ready), scope))
             return reaction
-        pending = conversation.teleport = PendingTeleport(teleport_id, self._now())
-        # A busy source answers once its turn and queue drain (see `_drain`).
-        if not conversation.busy and not conversation.queue:
-            reaction.outputs.append(self._teleport_ready(conversation, pending))
+        teleport = Teleport(teleport_id)
+        # Only a teleport still waiting for its turn boundary conflicts; once answered, a new one may follow.
+        conflicting = self._unready_teleport(conversation) is not None
+        conversation.teleports[teleport_id] = teleport
+        if conflicting:
+            reaction.outputs.append(
+                self._teleport_ready(conversation, teleport, error=TELEPORT_PENDING_ERROR)
+            )
+        elif not conversation.busy and not conversation.queue:
+            reaction.outputs.append(self._teleport_ready(conversation, teleport))
+        # Otherwise `_drain` answers once the turn and the queue behind it finish.
         return reaction
 
     def _on_teleport_failed(self, frame: Frame) -> Reaction:
         scope = parse_scope(frame.get("runtime"))
         teleport_id = frame.get("teleport_id")
-        if scope is None or not isinstance(teleport_id, str):
+        error = frame.get("error")
+        if scope is None or not isinstance(teleport_id, str) or not isinstance(error, str):
             return Reaction()
         conversation = self._conversation(scope)
         reaction = Reaction(subscribe=scope)
-        if conversation.teleport is None or conversation.teleport.teleport_id != teleport_id:
+        teleport = conversation.teleports.pop(teleport_id, None)
+        if teleport is None or teleport.error is not None:
             return reaction
-        conversation.teleport = None
-        error = frame.get("error")
         notice = self._lifecycle_delta(
-            "loop_error", message=f"Teleport failed: {error}; continuing on this computer"
+            "loop_error", message=f"Teleport failed: {error}", stop_reason="error", is_terminal=False
         )
         reaction.outputs.append(Event(notice, scope))
+        # The source resumes the conversation locally with a short continuation turn.
         if not conversation.busy:
-            reaction.outputs.append(self.loop_status(scope))
+            conversation.busy = True
+            reply = "The teleport failed, so I am continuing on this computer."
+            reaction.job = self._drain(conversation, reply, None)
         return reaction
 
     def _teleport_continue(

@@ -258,6 +258,7 @@ class _Link:
         "attempt",
         "connected",
         "control",
+        "device_status",
         "ended",
         "generation",
         "live",
@@ -277,6 +278,9 @@ class _Link:
         self.live = False  # inbound commands are dispatched as they arrive rather than buffered
         self.pending: list[Frame] = []
         self.unanswered = 0
+        self.device_status: dict[
+            Scope, Any
+        ] = {}  # last `device_status` written per scope, for de-duplication
         self.acceptance: dict[str, asyncio.Future[bool]] = {
             CONTROL: loop.create_future(),
             STREAM: loop.create_future(),
@@ -423,13 +427,14 @@ class Device:
         """Run the device in a background task; see `wait_ready` and `stop`."""
         if self._task is not None and not self._task.done():
             raise RuntimeError("device already running")
+        self._stopping = False
         self._task = asyncio.create_task(self.run(), name=f"tether-device:{self.name}")
 
     @property
     def task(self) -> asyncio.Task[int] | None:
         return self._task
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 -- the API tests want
+    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 -- a plain bound reads best in tests
         """Wait until the listener is connected; raise if the device stops first."""
         waiter = asyncio.ensure_future(self.ready.wait())
         watched: set[asyncio.Future[Any]] = {waiter}
@@ -448,7 +453,9 @@ class Device:
     async def run(self) -> int:
         """Register and serve until replaced, failed or stopped; returns `letta server`'s exit status."""
         current = asyncio.current_task()
-        if self._task is None and current is not None:
+        # Called directly rather than through `start`: remember the caller's task so that `stop` can end it.
+        adopted = self._task is None and current is not None
+        if adopted:
             self._task = cast("asyncio.Task[int]", current)
         try:
             return await self._serve()
@@ -460,6 +467,8 @@ class Device:
         finally:
             self.ready.clear()
             await self._cancel_jobs()
+            if adopted:
+                self._task = None
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 -- bounds the graceful close
         """Close the sockets with 1000 and end `run`, as SIGTERM would."""
@@ -483,10 +492,15 @@ class Device:
         scope = Scope(agent_id if isinstance(agent_id, str) else None, str(runtime.get("conversation_id")))
         return await self._emit_event(frame, scope)
 
+    def sever(self) -> None:
+        """Drop the sockets without a close frame, as a network failure would; the device reconnects."""
+        if self._link is not None:
+            self._link.terminate()
+
     async def wait_for(
         self,
         predicate: Callable[[Frame], bool],
-        timeout: float = 10.0,  # noqa: ASYNC109 -- the API tests want
+        timeout: float = 10.0,  # noqa: ASYNC109 -- a plain bound reads best in tests
         *,
         since: int = 0,
     ) -> Frame:
@@ -776,7 +790,7 @@ class Device:
         if self.announce_status:
             await self._emit_event(self._behaviour.device_status(DEVICE_SCOPE).frame, DEVICE_SCOPE)
         for scope in list(self._subscriptions):
-            for output in self._behaviour.snapshot(scope):
+            for output in self._behaviour.snapshot(scope, full=False):
                 await self._output(output)
         # Commands that arrived during the handshake run now, in order, before any that arrive later.
         while link.pending:
@@ -870,6 +884,13 @@ class Device:
         if isinstance(output, Reply):
             await self._write(CONTROL, output.frame)
         elif isinstance(output, Event) and output.scope in self._subscriptions:
+            link = self._link
+            if link is not None and output.frame.get("type") == "update_device_status":
+                # The real device sends a status a socket already has only when a command forces it.
+                status = output.frame.get("device_status")
+                if not output.force and link.device_status.get(output.scope) == status:
+                    return
+                link.device_status[output.scope] = status
             await self._emit_event(output.frame, output.scope)
 
     async def _emit_event(self, frame: Frame, scope: Scope) -> Frame | None:

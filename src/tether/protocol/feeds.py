@@ -47,7 +47,10 @@ class Feed:
         if self.scope.unscoped or frame.event_seq is None:
             return frame.text
         if losses > self.losses_seen:
-            self.next_event_seq += 1  # leave a hole: the client must resync
+            # Leave a hole so the client resyncs; a feed that has carried nothing yet starts
+            # after losses its clients never saw, and owes them no hole.
+            if self.next_event_seq > 1:
+                self.next_event_seq += 1
             self.losses_seen = losses
         number = self.next_event_seq
         self.next_event_seq += 1

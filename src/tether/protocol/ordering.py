@@ -37,6 +37,10 @@ class ReorderBuffer(Generic[T]):
         self._held: list[_Held[T]] = []
 
     def push(self, seq: int, item: T, now_ms: float) -> list[Released[T]]:
+        if self.next_seq is None and seq != 1:
+            # Joining a device mid-count (a reconnect after a router restart): the first number
+            # seen may have overtaken a lower one, so it waits like any early frame.
+            return self._hold(seq, item, now_ms)
         if self.next_seq is None or seq == self.next_seq:
             out = [Released(item, gap_before=False)]
             self.next_seq = seq + 1
@@ -45,10 +49,7 @@ class ReorderBuffer(Generic[T]):
         if seq < self.next_seq:
             # Late or repeated: pass it on; clients ignore numbers below their last.
             return [Released(item, gap_before=False)]
-        heapq.heappush(self._held, _Held(seq, now_ms, item))
-        if len(self._held) > self.max_held:
-            return self._release_oldest_gap()
-        return []
+        return self._hold(seq, item, now_ms)
 
     def expire(self, now_ms: float) -> list[Released[T]]:
         """Release held frames whose wait is over; call at `deadline()`."""
@@ -71,10 +72,17 @@ class ReorderBuffer(Generic[T]):
     def held(self) -> int:
         return len(self._held)
 
+    def _hold(self, seq: int, item: T, now_ms: float) -> list[Released[T]]:
+        heapq.heappush(self._held, _Held(seq, now_ms, item))
+        if len(self._held) > self.max_held:
+            return self._release_oldest_gap()
+        return []
+
     def _release_oldest_gap(self) -> list[Released[T]]:
         first = heapq.heappop(self._held)
+        known_hole = self.next_seq is not None
         self.next_seq = first.seq + 1
-        out = [Released(first.item, gap_before=True)]
+        out = [Released(first.item, gap_before=known_hole)]
         out.extend(self._drain_contiguous())
         return out
 

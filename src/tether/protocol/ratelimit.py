@@ -12,7 +12,9 @@ class TokenBucket:
 
     def allow(self, now_ms: float) -> bool:
         if self.updated_ms is not None:
-            self.tokens = min(self.burst, self.tokens + (now_ms - self.updated_ms) * self.rate_per_ms)
+            # The wall clock may step back; that is no time passing, not tokens owed.
+            elapsed = max(0.0, now_ms - self.updated_ms)
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate_per_ms)
         self.updated_ms = now_ms
         if self.tokens >= 1:
             self.tokens -= 1
