@@ -65,7 +65,12 @@ class Router:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*TETHER, *args], env=self.env, cwd=self.data_dir.parent, capture_output=True, text=True, check=check
+            [*TETHER, *args],
+            env=self.env,
+            cwd=self.data_dir.parent,
+            capture_output=True,
+            text=True,
+            check=check,
         )
 
     def create_key(self, org: str, user: str, name: str = "test") -> str:
@@ -78,7 +83,9 @@ class Router:
     def sdk(self, key: str | None = None, **kwargs: Any) -> Any:
         from letta_client import Letta
 
-        return Letta(base_url=self.base_url, api_key=key or self.key, _strict_response_validation=True, **kwargs)
+        return Letta(
+            base_url=self.base_url, api_key=key or self.key, _strict_response_validation=True, **kwargs
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -130,7 +137,9 @@ def start_router(
         env[f"TETHER_{name.upper()}"] = str(value)
     log_path = workdir / f"router-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*TETHER, "serve"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*TETHER, "serve"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        )
     router = Router(f"http://127.0.0.1:{port}", data_dir, env, proc, log_path)
     deadline = time.monotonic() + 30
     while True:

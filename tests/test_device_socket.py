@@ -44,13 +44,17 @@ async def test_paired_split_sockets_get_listener_ready_and_the_row_turns_online(
     assert reg["supportsSplitStatusChannels"] is True and reg["supportsPairedListenerGenerations"] is True
     generation = str(uuid.uuid4())
     params = {"connectionGeneration": generation, "connectionAttempt": 3}
-    control = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "laptop", channel="control", **params), srv.key)
+    control = await open_socket(
+        device_url(reg["wsUrl"], reg["deviceId"], "laptop", channel="control", **params), srv.key
+    )
     assert await recv(control) == {
         "type": "listener_ready",
         "connection_generation": generation,
         "connection_attempt": 3,
     }
-    stream = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "laptop", channel="stream", **params), srv.key)
+    stream = await open_socket(
+        device_url(reg["wsUrl"], reg["deviceId"], "laptop", channel="stream", **params), srv.key
+    )
     assert (await recv(stream))["connection_generation"] == generation
     row = await wait_until(
         lambda: _online_row(srv, reg["deviceId"]),
@@ -87,10 +91,14 @@ async def test_ping_gets_pong_on_the_same_socket_and_refreshes_heartbeat_without
 async def test_stream_with_a_wrong_generation_is_refused_without_a_terminal_code(srv: Router) -> None:
     reg = await register(srv.base_url, srv.key)
     good = {"connectionGeneration": str(uuid.uuid4()), "connectionAttempt": 1}
-    control = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "d", channel="control", **good), srv.key)
+    control = await open_socket(
+        device_url(reg["wsUrl"], reg["deviceId"], "d", channel="control", **good), srv.key
+    )
     await recv(control)
     wrong = {"connectionGeneration": str(uuid.uuid4()), "connectionAttempt": 1}
-    stream = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "d", channel="stream", **wrong), srv.key)
+    stream = await open_socket(
+        device_url(reg["wsUrl"], reg["deviceId"], "d", channel="stream", **wrong), srv.key
+    )
     code, reason = await closed_with(stream)
     assert code not in (1008, 1000) and code is not None
     assert "generation" in (reason or "")
@@ -108,7 +116,12 @@ async def test_newer_attempt_supersedes_and_a_late_older_attempt_is_refused(srv:
         assert code is not None and code not in (1008, 1000)
     late = await open_socket(
         device_url(
-            reg["wsUrl"], reg["deviceId"], "d", channel="control", connectionGeneration=uuid.uuid4(), connectionAttempt=1
+            reg["wsUrl"],
+            reg["deviceId"],
+            "d",
+            channel="control",
+            connectionGeneration=uuid.uuid4(),
+            connectionAttempt=1,
         ),
         srv.key,
     )
@@ -141,7 +154,9 @@ async def test_single_socket_mode_is_ready_at_once(srv: Router) -> None:
     ws = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "d"), srv.key)
     await ws.send('{"type":"ping"}')
     assert await recv(ws) == {"type": "pong"}
-    assert (await wait_until(lambda: _online_row(srv, reg["deviceId"])))["connectionId"] == reg["connectionId"]
+    assert (await wait_until(lambda: _online_row(srv, reg["deviceId"])))["connectionId"] == reg[
+        "connectionId"
+    ]
     await ws.close()
 
 
@@ -200,7 +215,9 @@ async def test_update_device_status_updates_the_row(srv: Router) -> None:
     assert row["metadata"]["gitBranch"] == "feature/x"
     assert row["metadata"]["lettaCodeVersion"] == "0.32.18"
     # `strict` is not in the REST enum: it must never leak into currentMode.
-    await dev.emit("update_device_status", runtime, device_status={**status, "current_permission_mode": "strict"})
+    await dev.emit(
+        "update_device_status", runtime, device_status={**status, "current_permission_mode": "strict"}
+    )
     row = await wait_until(lambda: _row_where(srv, dev.device_id, "currentMode", None))
     assert row["metadata"]["permissionMode"] == "strict"
     srv.sdk().environments.retrieve(dev.device_id)  # parses under strict validation
@@ -214,7 +231,12 @@ async def _row_where(srv: Router, device_id: str, key: str, value: object) -> di
 
 async def test_frames_of_16_mib_are_accepted(srv: Router) -> None:
     dev = await RawDevice.connect(srv.base_url, srv.key)
-    big = {"type": "read_file_response", "request_id": "r1", "success": True, "content": "A" * (16 * 1024 * 1024)}
+    big = {
+        "type": "read_file_response",
+        "request_id": "r1",
+        "success": True,
+        "content": "A" * (16 * 1024 * 1024),
+    }
     await dev.control.send(json.dumps(big))
     await dev.control.send('{"type":"ping"}')
     assert await recv(dev.control, timeout=20) == {"type": "pong"}
@@ -224,7 +246,14 @@ async def test_frames_of_16_mib_are_accepted(srv: Router) -> None:
 async def test_malformed_and_unknown_frames_are_dropped_without_closing_anything(srv: Router) -> None:
     bystander = await RawDevice.connect(srv.base_url, srv.key)
     dev = await RawDevice.connect(srv.base_url, srv.key)
-    for junk in ["not json", "[1,2]", '{"no":"type"}', '{"type": 5}', b"\xff\xfe", '{"type":"from_the_future"}']:
+    for junk in [
+        "not json",
+        "[1,2]",
+        '{"no":"type"}',
+        '{"type": 5}',
+        b"\xff\xfe",
+        '{"type":"from_the_future"}',
+    ]:
         await dev.control.send(junk)
     await dev.control.send('{"type":"ping"}')
     assert await recv(dev.control) == {"type": "pong"}
@@ -243,7 +272,12 @@ async def test_send_message_delivers_the_body_verbatim_once(srv: Router) -> None
     )
     assert result.success is True
     frame = await recv_type(dev.control, "message")
-    assert frame == {"type": "message", "agentId": "agent-1", "conversationId": "conv-1", "messages": [message]}
+    assert frame == {
+        "type": "message",
+        "agentId": "agent-1",
+        "conversationId": "conv-1",
+        "messages": [message],
+    }
     # A retry of the same client_message_id within the window is not delivered again.
     again = sdk.environments.send_message(dev.connection_id, messages=[message], agent_id="agent-1")
     assert again.success is True
@@ -255,7 +289,9 @@ async def test_send_message_delivers_the_body_verbatim_once(srv: Router) -> None
             {"status": "success", "tool_call_id": "tc2", "tool_return": "ok", "type": "tool"},
         ],
     }
-    sdk.environments.send_message(dev.connection_id, messages=[approval], agent_id="agent-1", conversation_id=None)
+    sdk.environments.send_message(
+        dev.connection_id, messages=[approval], agent_id="agent-1", conversation_id=None
+    )
     frame = await recv_type(dev.control, "message")
     assert frame["messages"] == [approval] and frame["conversationId"] is None
     await dev.close()
@@ -270,7 +306,10 @@ async def test_send_message_to_an_offline_device_is_not_queued(srv: Router) -> N
         response = await http.post(
             f"{srv.base_url}/v1/environments/{lease}/messages",
             headers=srv.headers(),
-            json={"agentId": "a", "messages": [{"role": "user", "content": "x", "client_message_id": "late"}]},
+            json={
+                "agentId": "a",
+                "messages": [{"role": "user", "content": "x", "client_message_id": "late"}],
+            },
         )
     assert response.status_code == 200 and response.json()["success"] is False
     control, stream = await open_pair(dev.ws_url, srv.key, dev.device_id, dev.name, attempt=2)

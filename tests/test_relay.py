@@ -84,7 +84,10 @@ async def test_ping_pong_ack_and_verbatim_forwarding_from_either_socket(srv: Rou
         await ws.send('{"type":"ping"}')
         assert await recv(ws, timeout=1) == {"type": "pong"}
         await ws.send('{"type":"ack","seq":1}')
-    command = '{"type":"abort_message","request_id":"r-1","runtime":{"agent_id":"agent-1","conversation_id":"conv-1"}}'
+    command = (
+        '{"type":"abort_message","request_id":"r-1",'
+        '"runtime":{"agent_id":"agent-1","conversation_id":"conv-1"}}'
+    )
     await stream.send(command)
     assert await dev.control.recv() == command  # byte for byte; ping and ack never reached the device
     await control.send(command.replace("r-1", "r-2"))
@@ -97,7 +100,10 @@ async def test_events_reach_both_sockets_with_independent_seq_and_stream_delta_o
     dev = await RawDevice.connect(srv.base_url, srv.key)
     control, stream = await client_pair(srv, dev)
     await device_next(dev, "sync")
-    sent = [await dev.emit("stream_delta", RT1, delta={"message_type": "assistant_message", "content": f"c{i}"}) for i in range(5)]
+    sent = [
+        await dev.emit("stream_delta", RT1, delta={"message_type": "assistant_message", "content": f"c{i}"})
+        for i in range(5)
+    ]
     sent.append(await dev.emit("turn_finished", RT1, turn_id="t1", stop_reason="end_turn"))
     got_control = [await recv(control) for _ in sent]
     got_stream = [await recv(stream) for _ in sent]
@@ -118,7 +124,9 @@ async def test_responses_go_to_the_pair_that_asked(srv: Router) -> None:
     await device_next(dev, "sync")
     await a_control.send(json.dumps({"type": "runtime_start", "request_id": "a-req", "agent_id": "agent-1"}))
     await device_next(dev, "runtime_start")
-    await dev.control.send(json.dumps({"type": "runtime_start_response", "request_id": "a-req", "success": True}))
+    await dev.control.send(
+        json.dumps({"type": "runtime_start_response", "request_id": "a-req", "success": True})
+    )
     assert (await recv(a_control))["request_id"] == "a-req"
     assert (await recv(a_stream))["request_id"] == "a-req"
     assert await silent(b_control, 0.3) and await silent(b_stream, 0.01)
@@ -145,7 +153,7 @@ async def test_two_pairs_and_closing_one_leaves_the_other_and_the_device(srv: Ro
 
 async def test_scoped_feed_has_no_false_gaps_but_real_losses_show(srv: Router) -> None:
     dev = await RawDevice.connect(srv.base_url, srv.key)
-    one_control, one_stream = await client_pair(srv, dev, RT1)
+    _, one_stream = await client_pair(srv, dev, RT1)
     everything = await open_socket(relay_url(srv, dev.connection_id), srv.key)
     await device_next(dev, "sync")
     for i in range(6):
@@ -221,7 +229,9 @@ async def test_closing_control_leaves_the_stream_socket_working(srv: Router) -> 
     control, stream = await client_pair(srv, dev)
     await device_next(dev, "sync")
     await control.close()
-    await stream.send('{"type":"sync","request_id":"s-2","runtime":{"agent_id":"agent-1","conversation_id":"conv-1"}}')
+    await stream.send(
+        '{"type":"sync","request_id":"s-2","runtime":{"agent_id":"agent-1","conversation_id":"conv-1"}}'
+    )
     assert json.loads(await dev.control.recv())["request_id"] == "s-2"
     await dev.close()
 
@@ -267,7 +277,9 @@ async def test_resume_replays_what_a_dropped_client_missed(srv: Router) -> None:
     await dev.emit("update_loop_status", RT1, loop_status={"n": 4})
     assert (await recv(back))["seq"] == seen["seq"] + 3
     # An unknown resume token gets a clear resync answer, then a live feed.
-    fresh = await open_socket(relay_url(srv, dev.connection_id, resume=uuid.uuid4().hex, resumeFrom="5"), srv.key)
+    fresh = await open_socket(
+        relay_url(srv, dev.connection_id, resume=uuid.uuid4().hex, resumeFrom="5"), srv.key
+    )
     assert (await recv(fresh))["type"] == "resync_required"
     await dev.close()
 

@@ -153,10 +153,18 @@ async def open_pair(
     params = {"connectionGeneration": generation, "connectionAttempt": attempt}
     control = await open_socket(device_url(ws_url, device_id, name, channel="control", **params), key)
     ready = await recv(control)
-    assert ready == {"type": "listener_ready", "connection_generation": generation, "connection_attempt": attempt}
+    assert ready == {
+        "type": "listener_ready",
+        "connection_generation": generation,
+        "connection_attempt": attempt,
+    }
     stream = await open_socket(device_url(ws_url, device_id, name, channel="stream", **params), key)
     ready = await recv(stream)
-    assert ready == {"type": "listener_ready", "connection_generation": generation, "connection_attempt": attempt}
+    assert ready == {
+        "type": "listener_ready",
+        "connection_generation": generation,
+        "connection_attempt": attempt,
+    }
     return control, stream
 
 

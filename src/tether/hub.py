@@ -419,4 +419,3 @@ class Hub:
 
     def refuse(self, sock: ClientSocket, request_id: str | None, message: str) -> None:
         sock.push(error_frame(request_id, message))
-

@@ -42,7 +42,9 @@ REPLACED_REASON = "Replaced by new connection"
 CLOSE_HEARTBEAT_TIMEOUT = 4004
 CLOSE_DRAIN = 1012
 # Frames whose runtime tells which device runs a conversation (for teleport's source lookup).
-_RUNTIME_MARKERS = frozenset({"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"})
+_RUNTIME_MARKERS = frozenset(
+    {"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"}
+)
 
 
 class LeaseRefused(Exception):
@@ -175,7 +177,11 @@ class Node:
             now = now_ms()
             for link in list(self.hub.devices.values()):
                 if link.ready and is_silent(link.last_heartbeat, now, self.offline_after_ms):
-                    log.info("device %s silent for %ss: dropping it", link.connection_id, self.settings.offline_after_seconds)
+                    log.info(
+                        "device %s silent for %ss: dropping it",
+                        link.connection_id,
+                        self.settings.offline_after_seconds,
+                    )
                     for sock in link.pairing.sockets():
                         await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
             self.teleports.tick(now)
@@ -293,7 +299,9 @@ class Node:
         except TimeoutError:
             return False
 
-    async def send_message(self, principal: Principal, row: EnvironmentRow, body: dict[str, Any]) -> SendOutcome:
+    async def send_message(
+        self, principal: Principal, row: EnvironmentRow, body: dict[str, Any]
+    ) -> SendOutcome:
         assert row.connection_id is not None
         frame: dict[str, Any] = {"type": "message", **body}
         key = _dedupe_key(row.connection_id, body)
@@ -320,7 +328,11 @@ class Node:
         owner = (await self.live.lookup([connection_id])).get(connection_id)
         last_activity = max(row.last_seen_at, row.lease_issued_at or 0, row.last_heartbeat or 0)
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
-        if owner is None and connection_id not in self.hub.devices and lease_expired(last_activity, now_ms(), ttl_ms):
+        if (
+            owner is None
+            and connection_id not in self.hub.devices
+            and lease_expired(last_activity, now_ms(), ttl_ms)
+        ):
             raise LeaseRefused("lease expired")
         return row
 
@@ -352,7 +364,9 @@ class Node:
         await self.live.device_connected(link.connection_id, self.pod_id, now)
         if previous is not None and previous.pod_id != self.pod_id:
             # The device came back through another pod while the old one may hold a half-open socket.
-            await self.bus.close_device(link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere")
+            await self.bus.close_device(
+                link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere"
+            )
         await self.store.mark_connected(link.connection_id, self.pod_id, now)
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.ONLINE))
         log.info("device %s (%s) online", link.connection_id, link.connection_name)
@@ -459,7 +473,9 @@ class Node:
                 old.attach(transport, missed or [])
                 watch.sockets.add(old)
                 if missed is None:
-                    old.deliver(encode({"type": "resync_required", "reason": "resume point is no longer in history"}))
+                    old.deliver(
+                        encode({"type": "resync_required", "reason": "resume point is no longer in history"})
+                    )
                 return old
         sock = ClientSocket(
             socket_id,
@@ -490,7 +506,9 @@ class Node:
         """Subscribe the device connection to a scope: it emits scoped events only for subscribers."""
         if scope.agent_id is None:
             return
-        sync = scoped_sync(scope.agent_id, scope.conversation_id or "default", f"tether-sub-{uuid.uuid4().hex}")
+        sync = scoped_sync(
+            scope.agent_id, scope.conversation_id or "default", f"tether-sub-{uuid.uuid4().hex}"
+        )
         await self.send_to_device(connection_id, sync)
 
     def _resubscribe(self, watch: Watch) -> None:
@@ -501,7 +519,9 @@ class Node:
 
     def _slow_client(self, sock: ClientSocket) -> None:
         log.info("relay socket %s cannot keep up (%d frames queued): closing it", sock.id, sock.queued)
-        asyncio.get_running_loop().create_task(self._drop_client(sock, 4008, "slow consumer: outbound queue full"))
+        asyncio.get_running_loop().create_task(
+            self._drop_client(sock, 4008, "slow consumer: outbound queue full")
+        )
 
     async def _drop_client(self, sock: ClientSocket, code: int, reason: str) -> None:
         watch = self.hub.watches.get(sock.connection_id)
@@ -531,7 +551,8 @@ class Node:
             sock.detach(now_ms())
             watch.detached[sock.id] = sock
             asyncio.get_running_loop().call_later(
-                self.settings.history_seconds, lambda: asyncio.ensure_future(self._expire_detached(watch, sock))
+                self.settings.history_seconds,
+                lambda: asyncio.ensure_future(self._expire_detached(watch, sock)),
             )
             return
         sock.closed = True

@@ -83,21 +83,31 @@ class Teleports:
                 return existing
         target = await node.relay_target(principal, target_connection_id)
         if target is None or await node.owner_of(target_connection_id) is None:
-            raise TeleportError(409, "INVALID_TARGET", "the target environment is not online in this organization")
+            raise TeleportError(
+                409, "INVALID_TARGET", "the target environment is not online in this organization"
+            )
         if source_connection_id is None:
-            source_connection_id = await node.live.runtime_location(principal.org_id, agent_id, conversation_id)
+            source_connection_id = await node.live.runtime_location(
+                principal.org_id, agent_id, conversation_id
+            )
         if source_connection_id is None:
             raise TeleportError(
-                404, "RUNTIME_NOT_FOUND", "no environment is known to run this conversation; pass sourceConnectionId"
+                404,
+                "RUNTIME_NOT_FOUND",
+                "no environment is known to run this conversation; pass sourceConnectionId",
             )
         source = await node.relay_target(principal, source_connection_id)
         if source is None or await node.owner_of(source_connection_id) is None:
             raise TeleportError(409, "SOURCE_OFFLINE", "the environment running this conversation is offline")
         if source_connection_id == target_connection_id:
-            raise TeleportError(409, "INVALID_TARGET", "the conversation already runs on the target environment")
+            raise TeleportError(
+                409, "INVALID_TARGET", "the conversation already runs on the target environment"
+            )
         for other in self.active.values():
             if (other.agent_id, other.conversation_id) == (agent_id, conversation_id) and not other.finished:
-                raise TeleportError(409, "TELEPORT_CONFLICT", f"teleport {other.id} for this conversation is in progress")
+                raise TeleportError(
+                    409, "TELEPORT_CONFLICT", f"teleport {other.id} for this conversation is in progress"
+                )
         now = now_ms()
         row = TeleportRow(
             id=f"teleport-{uuid.uuid4().hex}",

@@ -20,7 +20,9 @@ CLOSE_BAD_HELLO = 4400
 
 
 def _hello(params: dict[str, str]) -> Hello | None:
-    channel = {"control": Channel.CONTROL, "stream": Channel.STREAM, None: Channel.SINGLE}.get(params.get("channel"))
+    channel = {"control": Channel.CONTROL, "stream": Channel.STREAM, None: Channel.SINGLE}.get(
+        params.get("channel")
+    )
     if channel is None:
         return None
     generation = params.get("connectionGeneration") or None
@@ -76,7 +78,9 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
             except FrameError as exc:
                 malformed += 1
                 if malformed <= 3 or malformed % 100 == 0:
-                    log.warning("dropped malformed frame #%d from device %s: %s", malformed, connection_id, exc)
+                    log.warning(
+                        "dropped malformed frame #%d from device %s: %s", malformed, connection_id, exc
+                    )
                 continue
             await node.device_frame(link, sock, frame)
     finally:

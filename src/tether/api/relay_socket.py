@@ -46,11 +46,15 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     row = await node.relay_target(principal, connection_id)
     if row is None:
         await ws.send_denial_response(
-            error_response(404, "CONNECTION_NOT_FOUND", f"no connection {connection_id!r} in this organization")
+            error_response(
+                404, "CONNECTION_NOT_FOUND", f"no connection {connection_id!r} in this organization"
+            )
         )
         return
     if not await node.device_reachable(connection_id):
-        await ws.send_denial_response(error_response(503, "ENVIRONMENT_OFFLINE", "the environment is offline"))
+        await ws.send_denial_response(
+            error_response(503, "ENVIRONMENT_OFFLINE", "the environment is offline")
+        )
         return
     scope = Scope(params.get("agentId") or None, params.get("conversationId") or None)
     channel = params.get("channel") or None
@@ -60,7 +64,9 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     else:
         socket_id = uuid.uuid4().hex
     await ws.accept(headers=[(SOCKET_ID_HEADER, socket_id.encode())])
-    sock = await node.relay_opened(principal, connection_id, WsTransport(ws), scope, channel, resume, socket_id)
+    sock = await node.relay_opened(
+        principal, connection_id, WsTransport(ws), scope, channel, resume, socket_id
+    )
     bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
     close_code = 1006
     try:

@@ -9,13 +9,13 @@ device's sockets (close it: a newer registration took the slot). `memory` is the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from tether.protocol.frames import Frame
 
 
-class DeviceState(str, Enum):
+class DeviceState(StrEnum):
     ONLINE = "online"  # the pair is ready: commands may flow
     AWAY = "away"  # the socket dropped; the device may come back within the grace window
     OFFLINE = "offline"  # declared gone: relay sockets close
@@ -46,9 +46,11 @@ class Bus(Protocol):
     async def send_to_device(self, connection_id: str, owner_pod: str, text: str) -> bool:
         """Write `text` to the device's control socket on `owner_pod`; True once written."""
         ...
+
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
         """Queue a device event for the *other* pods watching `connection_id`; never blocks."""
         ...
+
     async def watch(self, connection_id: str) -> None: ...
     async def unwatch(self, connection_id: str) -> None: ...
     async def close_device(self, connection_id: str, owner_pod: str, code: int, reason: str) -> bool: ...

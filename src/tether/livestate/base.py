@@ -12,6 +12,15 @@ from typing import Protocol
 from tether.protocol.presence import Liveness
 
 
+class LiveStateUnavailable(Exception):
+    """The shared state cannot be read right now (Redis down); nothing was written to any device.
+
+    Reads (`lookup`, `live_pods`, `claim`, `runtime_location`) raise it; writes that only refresh
+    what this pod owns (`device_connected`, `device_disconnected`, `heartbeat`, `note_runtime`,
+    `release`) never raise: the implementation keeps them and re-asserts them when it can.
+    """
+
+
 class LiveState(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -20,19 +29,23 @@ class LiveState(Protocol):
     def heartbeat(self, connection_id: str, now_ms: int) -> None:
         """Record a ping. Never blocks and never does I/O inline: the hot path of every device."""
         ...
+
     async def device_disconnected(self, connection_id: str, pod_id: str) -> None: ...
     async def lookup(self, connection_ids: Iterable[str]) -> dict[str, Liveness]: ...
     async def live_pods(self) -> set[str]: ...
     async def claim(self, key: str) -> bool:
         """True for the first claimant of `key` within the dedupe window, across all pods."""
         ...
+
     async def release(self, key: str) -> None: ...
     def note_runtime(self, org_id: str, agent_id: str, conversation_id: str, connection_id: str) -> None:
         """Remember which connection last ran a conversation (the teleport source). Never blocks."""
         ...
+
     async def runtime_location(self, org_id: str, agent_id: str, conversation_id: str) -> str | None: ...
     def take_dirty(self) -> dict[str, int]:
         """Heartbeats of this pod's devices recorded since the last call (for the database flush)."""
         ...
+
     @property
     def healthy(self) -> bool: ...

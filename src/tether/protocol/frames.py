@@ -96,11 +96,19 @@ def with_seq(text: str, seq: int) -> str:
 
 
 def listener_ready(generation: str, attempt: int) -> str:
-    return encode({"type": "listener_ready", "connection_generation": generation, "connection_attempt": attempt})
+    return encode(
+        {"type": "listener_ready", "connection_generation": generation, "connection_attempt": attempt}
+    )
 
 
 def error_frame(request_id: str | None, message: str, code: str = "environment_offline") -> str:
-    frame: dict[str, Any] = {"type": "error", "success": False, "error": message, "message": message, "code": code}
+    frame: dict[str, Any] = {
+        "type": "error",
+        "success": False,
+        "error": message,
+        "message": message,
+        "code": code,
+    }
     if request_id is not None:
         frame["request_id"] = request_id
     return encode(frame)

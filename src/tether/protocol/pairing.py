@@ -14,7 +14,7 @@ current stream socket, and the generation they were opened with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Generic, TypeVar
 
 from tether.protocol.frames import listener_ready
@@ -28,7 +28,7 @@ CLOSE_GENERATION_MISMATCH = 4002
 CLOSE_PARTNER_LOST = 4003
 
 
-class Channel(str, Enum):
+class Channel(StrEnum):
     CONTROL = "control"
     STREAM = "stream"
     SINGLE = "single"  # one socket carries both channels
@@ -146,7 +146,9 @@ class Pairing(Generic[S]):
         return actions
 
     def _drop_pair(self, code: int, reason: str) -> list[Action[S]]:
-        actions: list[Action[S]] = [Close(s, code, reason) for s in (self.control, self.stream) if s is not None]
+        actions: list[Action[S]] = [
+            Close(s, code, reason) for s in (self.control, self.stream) if s is not None
+        ]
         was_ready = self.ready
         self.control = self.stream = None
         self.hello = None

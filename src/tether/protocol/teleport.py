@@ -1,13 +1,13 @@
 """Moving a conversation's runtime from one device to another (device-protocol §6.2).
 
-    status               | on                                    | next                 | router sends
-    (created)            | start                                 | waiting_for_source   | teleport_request -> source
-    waiting_for_source   | source teleport_ready success         | starting_destination | runtime_start -> target
-    waiting_for_source   | source teleport_ready failure         | failed               | -
-    starting_destination | target runtime_start_response ok      | (same)               | input teleport_continue -> target
-    starting_destination | target input_accepted accepted        | completed            | -
-    starting_destination | target refuses / errors               | failed               | teleport_failed -> source
-    any open status      | deadline passes or a device goes away | failed               | teleport_failed -> source
+status               | on                                | next                 | router sends
+(created)            | start                             | waiting_for_source   | teleport_request -> source
+waiting_for_source   | source teleport_ready success     | starting_destination | runtime_start -> target
+waiting_for_source   | source teleport_ready failure     | failed               | -
+starting_destination | target runtime_start_response ok  | (same)               | input teleport_continue
+starting_destination | target input_accepted accepted    | completed            | -
+starting_destination | target refuses / errors           | failed               | teleport_failed -> source
+any open status      | deadline passes, a device is gone | failed               | teleport_failed -> source
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ class Teleport:
             return []
         if frame.type == "runtime_start_response" and frame.request_id == self.request_id("start"):
             if body.get("success") is not True:
-                return self._fail(f"destination could not start the runtime: {body.get('error') or 'unknown'}")
+                return self._fail(
+                    f"destination could not start the runtime: {body.get('error') or 'unknown'}"
+                )
             return self._continue()
         if frame.type == "input_accepted" and frame.request_id == self.request_id("continue"):
             if body.get("accepted") is not True:
@@ -160,7 +162,12 @@ class Teleport:
         return [
             Command(
                 "target",
-                {"type": "input", "request_id": self.request_id("continue"), "runtime": self.runtime, "payload": payload},
+                {
+                    "type": "input",
+                    "request_id": self.request_id("continue"),
+                    "runtime": self.runtime,
+                    "payload": payload,
+                },
             )
         ]
 
@@ -172,6 +179,7 @@ class Teleport:
             return []
         return [
             Command(
-                "source", {"type": "teleport_failed", "teleport_id": self.id, "runtime": self.runtime, "error": error}
+                "source",
+                {"type": "teleport_failed", "teleport_id": self.id, "runtime": self.runtime, "error": error},
             )
         ]
