@@ -195,7 +195,7 @@ class LettaCli:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for_line(self, pattern: str, timeout: float = 30.0, *, since: int = 0) -> str:  # noqa: ASYNC109
+    async def wait_for_line(self, pattern: str, timeout: float = 30.0, *, since: int = 0) -> str:
         """The first output line from index `since` on that matches `pattern` (`re.search`)."""
         regex = re.compile(pattern)
         checked = since
@@ -214,7 +214,7 @@ class LettaCli:
         except TimeoutError:
             raise TimeoutError(f"no line matching /{pattern}/ within {timeout}s:\n{self.tail()}") from None
 
-    async def wait_exit(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+    async def wait_exit(self, timeout: float = 30.0) -> int:
         if self._process is None:
             raise RuntimeError("not started")
         async with asyncio.timeout(timeout):
@@ -243,7 +243,7 @@ class LettaCli:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
 
-    async def stop(self, timeout: float = 10.0) -> int | None:  # noqa: ASYNC109
+    async def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; signals only this process. Returns the exit status."""
         process = self._process
         if process is not None and process.returncode is None:

@@ -82,7 +82,7 @@ async def test_cli_registers_stays_connected_receives_messages_and_goes_offline(
         conversation_id="conv-cli",
     )
     assert sent.success is True
-    # The CLI logs the forwarded frame after turning it into a v2 `input` (environmentMessageProtocol v2-input).
+    # The CLI logs the forwarded frame once turned into a v2 `input` (environmentMessageProtocol v2-input).
     line = await cli.wait_for_line(r'← recv  \{"type":"input".*cm-cli-1', timeout=10)
     frame = json.loads(line.split("← recv  ", 1)[1])
     assert frame["runtime"] == {"agent_id": "agent-cli", "conversation_id": "conv-cli"}
