@@ -295,3 +295,20 @@ async def test_malformed_client_frames_get_an_error_and_break_nothing(srv: Route
     await other.send('{"type":"ping"}')
     assert await recv(other) == {"type": "pong"}
     await dev.close()
+
+
+async def test_a_client_that_never_acks_still_gets_every_frame(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    ws = await open_socket(relay_url(srv, dev.connection_id), srv.key)
+    await asyncio.sleep(0.1)
+    total = 10_000
+
+    async def produce() -> None:
+        for _ in range(total):
+            await dev.emit("stream_delta", RT1, delta={"content": "."})
+
+    producer = asyncio.create_task(produce())
+    seqs = [(await recv(ws, timeout=20))["seq"] for _ in range(total)]
+    await producer
+    assert seqs == list(range(seqs[0], seqs[0] + total))
+    await dev.close()

@@ -44,21 +44,27 @@ class Transport(Protocol):
 class DeviceSocket:
     """One device WebSocket. Writes are serialised; the device reads promptly (it drops us otherwise)."""
 
-    __slots__ = ("_lock", "closed", "transport")
+    __slots__ = ("_lock", "_waiting", "closed", "max_waiting", "transport")
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, max_waiting: int) -> None:
         self.transport = transport
+        self.max_waiting = max_waiting
         self._lock = asyncio.Lock()
+        self._waiting = 0
         self.closed = False
 
     async def send(self, text: str) -> bool:
-        if self.closed:
+        """Write one frame; False when the socket is gone or too many writes already wait on it."""
+        if self.closed or self._waiting >= self.max_waiting:
             return False
+        self._waiting += 1
         try:
             async with self._lock:
                 await self.transport.send(text)
         except Exception:  # the peer went away mid-write; the receive loop will notice
             return False
+        finally:
+            self._waiting -= 1
         return True
 
     async def close(self, code: int, reason: str) -> None:

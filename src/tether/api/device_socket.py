@@ -60,7 +60,7 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
     except LeaseRefused as refused:
         await ws.close(CLOSE_LEASE_UNKNOWN, refused.reason)
         return
-    sock = DeviceSocket(WsTransport(ws))
+    sock = DeviceSocket(WsTransport(ws), node.settings.device_queue_frames)
     link = await node.device_opened(row, sock, hello)
     malformed = 0
     try:
