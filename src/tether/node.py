@@ -548,11 +548,12 @@ class Node:
             return
         if resumable and not sock.closed and watch.state is not DeviceState.OFFLINE:
             watch.sockets.discard(sock)
-            sock.detach(now_ms())
+            detached_at = now_ms()
+            sock.detach(detached_at)
             watch.detached[sock.id] = sock
             asyncio.get_running_loop().call_later(
                 self.settings.history_seconds,
-                lambda: asyncio.ensure_future(self._expire_detached(watch, sock)),
+                lambda: asyncio.ensure_future(self._expire_detached(watch, sock, detached_at)),
             )
             return
         sock.closed = True
@@ -560,8 +561,9 @@ class Node:
         watch.remove(sock)
         await self.unwatch_if_idle(watch)
 
-    async def _expire_detached(self, watch: Watch, sock: ClientSocket) -> None:
-        if watch.detached.get(sock.id) is sock and sock.detached_at is not None:
+    async def _expire_detached(self, watch: Watch, sock: ClientSocket, detached_at: int) -> None:
+        # Only if it is still the same detachment: a resumed-then-dropped socket has a later one.
+        if watch.detached.get(sock.id) is sock and sock.detached_at == detached_at:
             watch.remove(sock)
             await self.unwatch_if_idle(watch)
 
