@@ -327,3 +327,22 @@ async def test_expired_lease_gets_1008(tmp_path: Path) -> None:
         assert (await closed_with(ws))[0] == 1008
     finally:
         r.stop()
+
+
+async def test_metrics_count_what_happened(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    await dev.control.send("not json")
+    await dev.control.send('{"type":"ping"}')
+    await recv(dev.control)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{srv.base_url}/metrics")).text
+    values = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tether_")
+    }
+    assert values["tether_device_malformed_frames_total"] >= 1
+    assert values["tether_device_heartbeats_total"] >= 1
+    assert values["tether_devices_ready"] >= 1
+    assert values["tether_registrations_total"] >= 1
+    await dev.close()

@@ -19,6 +19,7 @@ from tether.clock import now_ms
 from tether.config import Settings
 from tether.hub import ClientSocket, DeviceLink, DeviceSocket, Hub, Transport, Watch
 from tether.livestate.base import LiveState
+from tether.metrics import Counters
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync, status_fields
 from tether.protocol.history import History
@@ -97,6 +98,7 @@ class Node:
         self._status_pending: dict[str, StatusUpdate] = {}
         self._status_writers: set[str] = set()
         self.draining = False
+        self.counters = Counters()
         from tether.teleports import Teleports
 
         self.teleports = Teleports(self)
@@ -190,6 +192,7 @@ class Node:
 
     async def register(self, principal: Principal, body: dict[str, Any], ws_base: str) -> dict[str, Any]:
         connection_id = f"conn-{uuid.uuid4().hex}"
+        self.counters.registrations += 1
         now = now_ms()
         result = await self.store.register(
             Registration(
@@ -306,11 +309,15 @@ class Node:
         frame: dict[str, Any] = {"type": "message", **body}
         key = _dedupe_key(row.connection_id, body)
         if key is not None and not await self.live.claim(key):
+            self.counters.messages_deduplicated += 1
             return SendOutcome(delivered=True, duplicate=True)
         delivered = await self.send_to_device(row.connection_id, encode(frame))
         if not delivered and key is not None:
             await self.live.release(key)
+        if not delivered:
+            self.counters.messages_offline += 1
         if delivered:
+            self.counters.messages_delivered += 1
             agent = body.get("agentId")
             conv = body.get("conversationId") or "default"
             if isinstance(agent, str):
@@ -357,6 +364,7 @@ class Node:
     async def _device_ready(self, link: DeviceLink) -> None:
         now = now_ms()
         link.last_heartbeat = now
+        self.counters.device_connects += 1
         if link.away_timer is not None:
             link.away_timer.cancel()
             link.away_timer = None
@@ -396,6 +404,7 @@ class Node:
     async def device_frame(self, link: DeviceLink, sock: DeviceSocket, frame: Frame) -> None:
         kind = frame.type
         if kind == "ping":
+            self.counters.device_heartbeats += 1
             await sock.send(PONG)
             now = now_ms()
             link.last_heartbeat = now
@@ -403,6 +412,7 @@ class Node:
             return
         if kind in ("pong", "listener_ready"):
             return
+        self.counters.device_frames += 1
         if kind == "update_device_status":
             self._queue_status(link.connection_id, frame)
         if kind in _RUNTIME_MARKERS and frame.agent_id and frame.conversation_id:
@@ -518,6 +528,7 @@ class Node:
                 asyncio.get_running_loop().create_task(self.subscribe_scope(watch.connection_id, scope))
 
     def _slow_client(self, sock: ClientSocket) -> None:
+        self.counters.relay_slow_consumer_closes += 1
         log.info("relay socket %s cannot keep up (%d frames queued): closing it", sock.id, sock.queued)
         asyncio.get_running_loop().create_task(
             self._drop_client(sock, 4008, "slow consumer: outbound queue full")
@@ -536,11 +547,11 @@ class Node:
             return
         if frame.request_id is not None:
             watch.remember_request(frame.request_id, sock)
-        if watch.device_away:
+        if watch.device_away or not await self.send_to_device(sock.connection_id, frame.text):
+            self.counters.relay_commands_refused += 1
             self.hub.refuse(sock, frame.request_id, "environment offline")
             return
-        if not await self.send_to_device(sock.connection_id, frame.text):
-            self.hub.refuse(sock, frame.request_id, "environment offline")
+        self.counters.relay_commands += 1
 
     async def relay_closed(self, sock: ClientSocket, resumable: bool) -> None:
         watch = self.hub.watches.get(sock.connection_id)
@@ -576,7 +587,33 @@ class Node:
         sock.push(PONG)
 
     def relay_error(self, sock: ClientSocket, request_id: str | None, message: str, code: str) -> None:
+        if code == "malformed_frame":
+            self.counters.relay_malformed_frames += 1
         sock.push(error_frame(request_id, message, code))
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        links = self.hub.devices.values()
+        watches = self.hub.watches.values()
+        return {
+            "devices_ready": (
+                "Device leases with a ready socket pair on this pod.",
+                sum(1 for k in links if k.ready),
+            ),
+            "devices_away": (
+                "Device leases in their reconnect grace window.",
+                sum(1 for k in links if not k.ready),
+            ),
+            "relay_sockets": ("Open relay sockets.", sum(len(w.sockets) for w in watches)),
+            "relay_sockets_detached": (
+                "Dropped relay sockets kept for resume.",
+                sum(len(w.detached) for w in watches),
+            ),
+            "watched_connections": (
+                "Connections with relay sockets or watchers here.",
+                len(self.hub.watches),
+            ),
+            "teleports_active": ("Teleports this pod is orchestrating.", len(self.teleports.active)),
+        }
 
 
 def _dedupe_key(connection_id: str, body: dict[str, Any]) -> str | None:

@@ -77,6 +77,7 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
                 frame = decode(data)
             except FrameError as exc:
                 malformed += 1
+                node.counters.device_malformed_frames += 1
                 if malformed <= 3 or malformed % 100 == 0:
                     log.warning(
                         "dropped malformed frame #%d from device %s: %s", malformed, connection_id, exc
