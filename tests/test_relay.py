@@ -312,3 +312,16 @@ async def test_a_client_that_never_acks_still_gets_every_frame(srv: Router) -> N
     await producer
     assert seqs == list(range(seqs[0], seqs[0] + total))
     await dev.close()
+
+
+async def test_a_client_that_joins_while_the_device_is_away_is_subscribed_on_its_return(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    await dev.close()
+    await asyncio.sleep(0.2)
+    control, _ = await client_pair(srv, dev)  # accepted: the device is within its grace window
+    dev.control, dev.stream = await open_pair(dev.ws_url, srv.key, dev.device_id, dev.name, attempt=2)
+    sync = await device_next(dev, "sync")
+    assert sync["runtime"] == RT1
+    await dev.emit("turn_finished", RT1, turn_id="t", stop_reason="end_turn")
+    assert (await recv_type(control, "turn_finished"))["runtime"] == RT1
+    await dev.close()

@@ -476,6 +476,9 @@ class Node:
         watch, created = self.hub.watch(connection_id)
         if created:
             await self.bus.watch(connection_id)
+            link = self.hub.devices.get(connection_id)
+            if link is not None and not link.ready:
+                watch.state = DeviceState.AWAY  # so its return re-subscribes this watch's scopes
         if resume is not None:
             old = watch.detached.pop(resume[0], None)
             if old is not None and old.key_id == principal.key_id:
