@@ -195,7 +195,6 @@ class ClientSocket:
         self.closed = False
         for text in replay:
             self.push(text)
-        self.start()
 
     def stop_writer(self) -> None:
         if self._writer is not None:
@@ -222,6 +221,7 @@ class Watch:
     listeners: set[FrameListener] = field(default_factory=set)
     losses: int = 0
     state: DeviceState | None = None  # None: no change seen since this pod started watching
+    ownerless_since: int | None = None  # first sweep that found no pod holding the device
 
     @property
     def device_away(self) -> bool:

@@ -187,6 +187,7 @@ class Node:
                     for sock in link.pairing.sockets():
                         await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
             self.teleports.tick(now)
+            await self._check_remote_owners(now)
 
     # ---- REST: environments --------------------------------------------------------------
 
@@ -383,14 +384,41 @@ class Node:
         self.hub.flush_reorder(link)
         await self.live.device_disconnected(link.connection_id, self.pod_id)
         await self.store.mark_disconnected(link.connection_id, self.pod_id, now_ms())
-        if link.replaced or self.draining:
+        if link.replaced:
             self._declare_offline(link)
             return
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.AWAY))
+        if self.draining:
+            # The device is reconnecting to another pod; that pod announces it. Should it never
+            # come back, the watching pods' sweeps notice the missing owner and close their sockets.
+            return
         loop = asyncio.get_running_loop()
         if link.away_timer is not None:
             link.away_timer.cancel()
         link.away_timer = loop.call_later(self.settings.reconnect_grace_seconds, self._declare_offline, link)
+
+    async def _check_remote_owners(self, now: int) -> None:
+        """Watched devices held by other pods: their pod may have died without a word.
+
+        Also repairs the order of state news from two pods (a draining pod's AWAY arriving after
+        the new pod's ONLINE): the owner recorded in live state is the truth."""
+        grace_ms = self.settings.reconnect_grace_seconds * 1000
+        for watch in list(self.hub.watches.values()):
+            conn = watch.connection_id
+            if conn in self.hub.devices or not (watch.sockets or watch.listeners):
+                continue
+            try:
+                owner = await self.owner_of(conn)
+            except Exception:  # live state unreachable: decide nothing on missing information
+                continue
+            if owner is not None:
+                if watch.device_away:
+                    self.hub.on_device_event(conn, DeviceEvent(state=DeviceState.ONLINE))
+                watch.ownerless_since = None
+            elif watch.ownerless_since is None:
+                watch.ownerless_since = now
+            elif now - watch.ownerless_since >= grace_ms and watch.state is not DeviceState.OFFLINE:
+                self.hub.on_device_event(conn, DeviceEvent(state=DeviceState.OFFLINE))
 
     def _declare_offline(self, link: DeviceLink) -> None:
         link.away_timer = None
@@ -502,7 +530,6 @@ class Node:
             self.settings.client_queue_bytes,
         )
         sock.on_overflow = self._slow_client
-        sock.start()
         fresh_scope = watch.add(sock)
         if resume is not None:
             sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
@@ -550,7 +577,9 @@ class Node:
             return
         if frame.request_id is not None:
             watch.remember_request(frame.request_id, sock)
-        if watch.device_away or not await self.send_to_device(sock.connection_id, frame.text):
+        # No shortcut on watch.device_away: across pods, state news can arrive out of order, and
+        # the send itself asks live state who holds the device now.
+        if not await self.send_to_device(sock.connection_id, frame.text):
             self.counters.relay_commands_refused += 1
             self.hub.refuse(sock, frame.request_id, "environment offline")
             return

@@ -66,6 +66,7 @@ class Teleports:
         self.node = node
         self.active: dict[str, Teleport] = {}
         self._by_connection: dict[str, set[str]] = {}
+        self._write_locks: dict[str, asyncio.Lock] = {}
 
     async def create(
         self,
@@ -173,12 +174,16 @@ class Teleports:
                 commands_after = machine.on_device_gone("target")
                 for after in commands_after:
                     await self.node.send_to_device(machine.source.connection_id, encode(after.frame))
-        await self.node.store.update_teleport(machine.id, machine.status, machine.error, now_ms())
+        # Several steps may be in flight at once (a fast target answers before the previous step's
+        # write lands); writing under one lock, with the status as it is then, keeps the last write last.
+        async with self._write_locks.setdefault(machine.id, asyncio.Lock()):
+            await self.node.store.update_teleport(machine.id, machine.status, machine.error, now_ms())
         if machine.finished:
             self._forget(machine)
 
     def _forget(self, machine: Teleport) -> None:
         self.active.pop(machine.id, None)
+        self._write_locks.pop(machine.id, None)
         for conn in (machine.source.connection_id, machine.target.connection_id):
             ids = self._by_connection.get(conn)
             if ids is None:
