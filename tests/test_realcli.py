@@ -151,3 +151,47 @@ async def test_a_relay_client_syncs_the_cli_and_gets_its_state(srv: Router, cli:
     assert (await recv_type(stream, "sync_response", timeout=20))["request_id"] == "sync-relay-1"
     await control.close()
     await stream.close()
+
+
+async def test_the_cli_on_one_pod_is_driven_from_another(
+    tmp_path: Path, letta_js: Path, pg_url: str, redis_url: str
+) -> None:
+    pod_a = start_router(tmp_path / "a", database_url=pg_url, redis_url=redis_url, pod_id="cli-pod-a")
+    pod_b = start_router(
+        tmp_path / "b", database_url=pg_url, redis_url=redis_url, pod_id="cli-pod-b", create_key=False
+    )
+    pod_b.key = pod_a.key
+    cli = LettaCli(letta_js)
+    try:
+        await cli.start(pod_a.base_url, pod_a.key, "cli-cluster")
+        await cli.wait_for_line(CONNECTED)
+        row = await wait_row(pod_b, "cli-cluster", want_online=True)
+        assert row.pod_id == "cli-pod-a"
+        sent = pod_b.sdk().environments.send_message(
+            row.connection_id,
+            messages=[{"role": "user", "content": "across pods", "client_message_id": "cm-pods"}],
+            agent_id="agent-pods",
+        )
+        assert sent.success is True
+        await cli.wait_for_line(r'← recv  \{"type":"input".*cm-pods', timeout=10)
+        control = await open_socket(
+            f"{pod_b.ws_base}/v1/environments/{row.connection_id}/status/ws", pod_b.key
+        )
+        await control.send(
+            json.dumps(
+                {
+                    "type": "sync",
+                    "request_id": "sync-pods",
+                    "runtime": {"agent_id": "agent-pods", "conversation_id": "default"},
+                    "force_device_status": True,
+                }
+            )
+        )
+        assert (await recv_type(control, "sync_response", timeout=20))["request_id"] == "sync-pods"
+        await control.close()
+        await cli.stop()
+        await wait_row(pod_b, "cli-cluster", want_online=False, timeout=20)
+    finally:
+        await cli.stop()
+        pod_a.stop()
+        pod_b.stop()
