@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from tether import __version__
-from tether.api import device_socket, environments, errors, health, relay_socket
+from tether.api import device_socket, environments, errors, health, metrics, relay_socket
 from tether.api.limits import BodyLimit
 from tether.bus.base import Bus
 from tether.bus.memory import MemoryBus
@@ -43,9 +43,11 @@ def build_node(settings: Settings) -> Node:
 
 async def bootstrap_key(node: Node) -> str | None:
     """First start with no key: create a development key and keep it where `make run` users look."""
-    if not node.settings.bootstrap_key or await node.store.count_keys() > 0:
+    if not node.settings.bootstrap_key:
         return None
-    secret = await node.store.create_key("default", "developer", "development key", now_ms())
+    secret = await node.store.create_first_key("default", "developer", "development key", now_ms())
+    if secret is None:
+        return None
     path = Path(node.settings.data_dir) / "dev-key"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -77,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(device_socket.router)
     app.include_router(relay_socket.router)
     app.include_router(environments.router)
@@ -85,23 +88,36 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def banner(settings: Settings, new_key: str | None) -> None:
-    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+    base = settings.public_url or f"http://{_display_host(settings.host)}:{settings.port}"
     lines = [f"Tether {__version__} listening on {base} (pod {settings.pod_id})"]
+    key_file = Path(settings.data_dir) / "dev-key"
     if new_key is not None:
-        key_file = Path(settings.data_dir) / "dev-key"
         lines += [
             "",
             f"Created a development API key (shown once; also saved to {key_file}):",
             f"  {new_key}",
         ]
-    key_ref = f"$(cat {Path(settings.data_dir) / 'dev-key'})"
+    if key_file.exists():
+        key_ref = f"$(cat {key_file})"
+    else:
+        key_ref = "<key from: tether keys create --org ORG --user USER>"
     lines += [
         "",
         "Connect a device (Letta Code):",
         f"  LETTA_BASE_URL={base} LETTA_API_KEY={key_ref} IGNORE_SELF_HOSTED_LISTENER_ERROR=1 \\",
         "    letta server --computer-name my-laptop",
-        "Connect a client (Python SDK):",
-        f"  Letta(base_url='{base}', api_key=...).environments.list()",
+        "Connect a client (Python SDK, letta-client):",
+        f"  LETTA_BASE_URL={base} LETTA_API_KEY={key_ref} \\",
+        "    python -c 'from letta_client import Letta; print(Letta().environments.list())'",
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _display_host(host: str) -> str:
+    """A host a client can dial: a wildcard bind address is reachable on loopback."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

@@ -7,13 +7,35 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 from tether.clock import now_ms
-from tether.config import Settings, describe_settings, load_settings
+from tether.config import Settings, describe_settings, load_settings, parse_port
 from tether.store.base import SchemaTooNew
 from tether.store.sql import SqlStore
+
+
+def _name(text: str) -> str:
+    """An organization, user or key name: what the tables can hold."""
+    value = text.strip()
+    if not value or len(value) > 200 or "\x00" in value:
+        raise argparse.ArgumentTypeError(f"expected 1 to 200 characters, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,16 +54,18 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", help="address to listen on (TETHER_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (TETHER_PORT)")
+    serve.add_argument("--port", type=_port, help="port to listen on (TETHER_PORT)")
 
     sub.add_parser("migrate", help="apply database migrations (TETHER_DATABASE_URL)")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key; prints the secret alone on the last line")
-    create.add_argument("--org", required=True, help="organization name (created on first use)")
-    create.add_argument("--user", required=True, help="user name within the organization (created on first use)")
-    create.add_argument("--name", default="api key", help="a label for the key")
+    create.add_argument("--org", required=True, type=_name, help="organization name (created on first use)")
+    create.add_argument(
+        "--user", required=True, type=_name, help="user name within the organization (created on first use)"
+    )
+    create.add_argument("--name", default="api key", type=_name, help="a label for the key")
     keys_sub.add_parser("list", help="list keys (never shows secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
@@ -75,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SchemaTooNew as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SQLAlchemyError) as exc:
+        print(
+            f"tether: cannot use the database {_redact(settings.resolved_database_url)}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     return 1
 
 
@@ -92,6 +122,10 @@ def serve(settings: Settings) -> int:
     except SchemaTooNew as exc:
         print(f"tether: refusing to start: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SQLAlchemyError) as exc:
+        url = _redact(settings.resolved_database_url)
+        print(f"tether: refusing to start: cannot migrate the database {url}: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -106,10 +140,34 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_drain_seconds) + 5,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    _ = signal  # uvicorn installs SIGINT/SIGTERM handlers; the app's lifespan drains on shutdown
-    server.run()
+    server = _draining_server(config, settings.shutdown_drain_seconds)
+    # uvicorn handles SIGINT/SIGTERM itself, drains (below), then re-raises the signal.
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT  # Ctrl-C after a clean shutdown: the shell's convention, no traceback
     return 0
+
+
+def _draining_server(config: uvicorn.Config, drain_s: float) -> uvicorn.Server:
+    """A uvicorn server that drains device sockets before uvicorn's own shutdown.
+
+    On SIGTERM uvicorn closes every open WebSocket at once with 1012 and only then runs the app's
+    lifespan shutdown, so `Node.drain` would find nothing left to spread: every device would
+    reconnect to the other pods in the same instant. Stop listening, drain, then let uvicorn go on.
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:
+                server.close()
+            node = getattr(getattr(self.config.app, "state", None), "node", None)
+            if node is not None and not self.force_exit:
+                await node.drain(drain_s)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
 
 
 async def _migrate(settings: Settings, quiet: bool = False) -> int:
@@ -138,16 +196,23 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "create":
             secret = await store.create_key(args.org, args.user, args.name, now_ms())
-            print(f"created key for user {args.user!r} in organization {args.org!r}; store it now, it is not shown again:")
+            print(
+                f"created key for user {args.user!r} in organization {args.org!r}; "
+                "store it now, it is not shown again:"
+            )
             print(secret)
             return 0
         if args.keys_command == "list":
             rows = await store.list_keys()
-            print(f"{'KEY ID':<18} {'ORG':<20} {'USER':<20} {'NAME':<20} {'CREATED':<20} STATUS")
+            header = ("KEY ID", "ORG", "USER", "USER ID", "NAME", "CREATED (UTC)", "STATUS")
+            table = [header]
             for k in rows:
                 created = dt.datetime.fromtimestamp(k.created_at / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
                 status = "revoked" if k.revoked_at else "active"
-                print(f"{k.key_id:<18} {k.org_name:<20} {k.user_name:<20} {k.name:<20} {created:<20} {status}")
+                table.append((k.key_id, k.org_name, k.user_name, k.user_id, k.name, created, status))
+            widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+            for row in table:
+                print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
             return 0
         if args.keys_command == "revoke":
             if await store.revoke_key(args.key_id, now_ms()):

@@ -28,13 +28,83 @@ def _bool(text: str) -> bool:
 
 
 def _opt_str(text: str) -> str | None:
-    return text or None
+    return text.strip() or None
+
+
+def parse_port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number from 0 to 65535, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a non-negative finite number, got {text!r}")
+    return value
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+def _public_url(text: str) -> str | None:
+    value = text.strip().rstrip("/")
+    if not value:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https", "ws", "wss") or not rest or rest.startswith("/"):
+        raise ValueError(
+            f"expected an absolute http(s):// URL such as https://tether.example.com, got {text!r}"
+        )
+    return value
+
+
+def _database_url(text: str) -> str | None:
+    """Accept the URLs people paste (postgres://, postgresql://, sqlite:///) and add the async driver."""
+    value = text.strip()
+    if not value:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ValueError(f"expected a database URL such as postgresql://user@host:5432/db, got {text!r}")
+    drivers = {
+        "postgres": "postgresql+asyncpg",
+        "postgresql": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+    }
+    driver = drivers.get(scheme.lower())
+    if driver is None:
+        raise ValueError(f"expected a postgresql:// or sqlite:/// URL, got {text!r}")
+    return f"{driver}://{rest}"
 
 
 @dataclass(frozen=True)
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
-    port: int = field(default=8283, metadata={"doc": "Port to listen on."})
+    port: int = field(default=8283, metadata={"doc": "Port to listen on.", "parse": parse_port})
     data_dir: str = field(
         default=".tether",
         metadata={"doc": "Directory for the embedded SQLite database and the development key file."},
@@ -43,8 +113,8 @@ class Settings:
         default=None,
         metadata={
             "doc": "SQLAlchemy async URL. Default: sqlite+aiosqlite:///<data_dir>/tether.db. "
-            "PostgreSQL: postgresql+asyncpg://user@host:5432/db.",
-            "parse": _opt_str,
+            "PostgreSQL: postgresql+asyncpg://user@host:5432/db (postgresql:// is accepted too).",
+            "parse": _database_url,
         },
     )
     redis_url: str | None = field(
@@ -57,16 +127,18 @@ class Settings:
     public_url: str | None = field(
         default=None,
         metadata={
-            "doc": "External base URL (http[s]://host[:port]) used to build device wsUrl. "
-            "Default: derived from each register request.",
-            "parse": _opt_str,
+            "doc": "External base URL (http[s]://host[:port][/prefix]) used to build device wsUrl "
+            "(http becomes ws, https becomes wss). Default: derived from each register request.",
+            "parse": _public_url,
         },
     )
     pod_id: str = field(
         default_factory=_default_pod_id,
         metadata={"doc": "Name of this pod, shown as podId on rows. Default: <hostname>-<pid>."},
     )
-    log_level: str = field(default="info", metadata={"doc": "debug, info, warning or error."})
+    log_level: str = field(
+        default="info", metadata={"doc": "debug, info, warning or error.", "parse": _log_level}
+    )
     bootstrap_key: bool = field(
         default=True,
         metadata={
@@ -122,15 +194,13 @@ class Settings:
     )
     device_queue_frames: int = field(
         default=4096,
-        metadata={"doc": "Frames queued towards one device socket before the command is refused."},
+        metadata={"doc": "Writes waiting on one device socket before further commands to it are refused."},
     )
     history_frames: int = field(
         default=1000,
         metadata={"doc": "Frames each relay socket keeps for resume (?resume=&resumeFrom=)."},
     )
-    history_bytes: int = field(
-        default=8 * MiB, metadata={"doc": "Bytes each relay socket keeps for resume."}
-    )
+    history_bytes: int = field(default=2 * MiB, metadata={"doc": "Bytes each relay socket keeps for resume."})
     history_seconds: float = field(
         default=120.0,
         metadata={"doc": "How long a closed relay socket's history stays resumable."},
@@ -156,8 +226,10 @@ class Settings:
     )
     split_channels: bool = field(
         default=True,
-        metadata={"doc": "Advertise split control/stream device sockets with paired generations.",
-                  "parse": _bool},
+        metadata={
+            "doc": "Advertise split control/stream device sockets with paired generations.",
+            "parse": _bool,
+        },
     )
     auth_cache_seconds: float = field(
         default=10.0,
@@ -184,9 +256,9 @@ def _parser(f: Any) -> Callable[[str], Any]:
         return parse  # type: ignore[no-any-return]
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     if kind == "int":
-        return int
+        return _int
     if kind == "float":
-        return float
+        return _float
     return str
 
 
@@ -200,7 +272,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             try:
                 values[f.name] = _parser(f)(env[name])
             except ValueError as exc:
-                raise SystemExit(f"invalid {name}={env[name]!r}: {exc}") from exc
+                raise SystemExit(f"tether: invalid {name}: {exc}") from None
     return Settings(**values)
 
 

@@ -19,10 +19,13 @@ def bearer(headers: Mapping[str, str], query: Mapping[str, str] | None = None) -
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     if query is not None:
-        token = query.get("token")
-        if token:
-            return token
+        from_query = query.get("token")
+        if from_query:
+            return from_query
     return None
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="tether"'}
 
 
 def node_of(request: Request) -> Node:
@@ -33,8 +36,8 @@ def node_of(request: Request) -> Node:
 async def require_principal(request: Request) -> Principal:
     secret = bearer(request.headers)
     if secret is None:
-        raise ApiError(401, "UNAUTHORIZED", "missing API key: send Authorization: Bearer <key>")
+        raise ApiError(401, "UNAUTHORIZED", "missing API key: send Authorization: Bearer <key>", _CHALLENGE)
     principal = await node_of(request).auth.resolve(secret)
     if principal is None:
-        raise ApiError(401, "UNAUTHORIZED", "invalid or revoked API key")
+        raise ApiError(401, "UNAUTHORIZED", "invalid or revoked API key", _CHALLENGE)
     return principal

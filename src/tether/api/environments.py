@@ -12,6 +12,8 @@ from tether.api.auth import node_of, require_principal
 from tether.api.errors import ApiError
 from tether.api.responses import Json
 from tether.api.schemas import (
+    MAX_ID,
+    NO_NUL,
     EnvironmentConnection,
     EnvironmentList,
     ErrorBody,
@@ -31,6 +33,7 @@ Caller = Annotated[Principal, Depends(require_principal)]
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_METADATA_BYTES = 64 * 1024
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
     401: {"model": ErrorBody},
@@ -62,6 +65,21 @@ def _parse_bool(name: str, text: str | None) -> bool:
     raise ApiError(400, f"INVALID_{name.upper()}", f"{name} must be true or false")
 
 
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The body as orjson reads it, after FastAPI validated it with the more lenient stdlib parser.
+
+    orjson refuses what JSON forbids but Python's json accepts (NaN, Infinity, lone surrogates), so
+    whatever is stored or forwarded can be serialised again later.
+    """
+    try:
+        value = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "INVALID_JSON", "request body must be a JSON object")
+    return value
+
+
 def ws_base(request: Request) -> str:
     node = node_of(request)
     base = node.settings.public_url or str(request.base_url)
@@ -77,10 +95,17 @@ def ws_base(request: Request) -> str:
 async def register(body: RegisterRequest, request: Request, caller: Caller) -> Json:
     """Register a device listener slot and lease it a connection (what `letta server` calls)."""
     node = node_of(request)
-    payload = body.model_dump(exclude_unset=True)
-    metadata = payload.get("metadata") or {}
-    if len(orjson.dumps(metadata)) > 64 * 1024:
-        raise ApiError(400, "METADATA_TOO_LARGE", "metadata must serialise to at most 64 KiB")
+    raw = await _json_object(request)
+    # Store what the device sent, not the model's re-serialisation: metadata is returned verbatim.
+    payload = {
+        k: raw[k] for k in ("deviceId", "listenerInstanceId", "connectionName") if raw.get(k) is not None
+    }
+    payload["metadata"] = raw.get("metadata") or {}
+    _ = body
+    if len(orjson.dumps(payload["metadata"])) > MAX_METADATA_BYTES:
+        raise ApiError(
+            400, "METADATA_TOO_LARGE", f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes"
+        )
     return Json(await node.register(caller, payload, ws_base(request)))
 
 
@@ -89,12 +114,21 @@ async def list_environments(
     request: Request,
     caller: Caller,
     after: Annotated[str | None, Query(description="Id of the last row of the previous page.")] = None,
-    limit: Annotated[str | None, Query(description=f"Page size, 1-{MAX_LIMIT}; default {DEFAULT_LIMIT}.")] = None,
+    limit: Annotated[
+        str | None, Query(description=f"Page size, 1-{MAX_LIMIT}; default {DEFAULT_LIMIT}.")
+    ] = None,
     onlineOnly: Annotated[str | None, Query(description="true: only online environments.")] = None,
     source: Annotated[str | None, Query(description="remote (relay-backed) or local.")] = None,
     userId: Annotated[str | None, Query(description="Only rows of this user.")] = None,
 ) -> Json:
-    """List the organization's environments, oldest registration first (`firstSeenAt`, then `id`)."""
+    """List the organization's environments.
+
+    Ordering is stable: oldest first registration first (`firstSeenAt`, ties broken by `id`); a
+    re-registration keeps a row's place. `after` is the `id` of the last row of the previous page; an id
+    this organization cannot see is a 400. `limit` defaults to 50 and may be at most 500.
+    `onlineOnly=true` keeps only rows whose device socket is open and pinged within 120 s.
+    `source=remote` keeps every row (all are relay-backed); `source=local` is always empty.
+    """
     page_size = _parse_limit(limit)
     online_only = _parse_bool("onlineOnly", onlineOnly)
     if source not in (None, "", "remote", "local"):
@@ -104,9 +138,13 @@ async def list_environments(
         return Json({"connections": [], "hasNextPage": False})
     node = node_of(request)
     try:
-        rows, more = await node.list_environments(caller.org_id, page_size, after or None, userId, online_only)
+        rows, more = await node.list_environments(
+            caller.org_id, page_size, after or None, userId, online_only
+        )
     except UnknownCursor:
-        raise ApiError(400, "INVALID_CURSOR", "after must be the id of an environment from a previous page") from None
+        raise ApiError(
+            400, "INVALID_CURSOR", "after must be the id of an environment from a previous page"
+        ) from None
     return Json({"connections": rows, "hasNextPage": more})
 
 
@@ -122,8 +160,8 @@ async def send_message(
     row = await node.relay_target(caller, connectionId)
     if row is None:
         raise ApiError(404, "CONNECTION_NOT_FOUND", f"no connection {connectionId!r} in this organization")
-    raw = orjson.loads(await request.body())  # forwarded untouched, not as re-serialised by the model
-    forwarded = {k: raw[k] for k in ("agentId", "conversationId", "messages") if k in raw}
+    raw = await _json_object(request)  # forwarded untouched, not as re-serialised by the model
+    forwarded: dict[str, Any] = {k: raw[k] for k in ("agentId", "conversationId", "messages") if k in raw}
     _ = body
     outcome = await node.send_message(caller, row, forwarded)
     if outcome.duplicate:
@@ -143,16 +181,22 @@ async def teleport(
     body: TeleportRequest,
     request: Request,
     caller: Caller,
-    agentId: Annotated[str, Path(min_length=1)],
-    conversationId: Annotated[str, Path(min_length=1)],
+    agentId: Annotated[str, Path(min_length=1, max_length=MAX_ID, pattern=NO_NUL)],
+    conversationId: Annotated[str, Path(min_length=1, max_length=MAX_ID, pattern=NO_NUL)],
 ) -> Json:
     """Move a conversation's runtime to another environment; poll `teleports/{id}` for the outcome."""
+    await _json_object(request)
     if conversationId in ("default", "new"):
         raise ApiError(400, "INVALID_CONVERSATION", "teleport needs an explicit conversation id")
     node = node_of(request)
     try:
         row = await node.teleports.create(
-            caller, agentId, conversationId, body.targetConnectionId, body.idempotencyKey, body.sourceConnectionId
+            caller,
+            agentId,
+            conversationId,
+            body.targetConnectionId,
+            body.idempotencyKey,
+            body.sourceConnectionId,
         )
     except TeleportError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_ID = 512
 MAX_NAME = 1024
 MAX_MESSAGES = 100
+# Identifiers end up in text columns, and PostgreSQL text cannot hold NUL.
+NO_NUL = r"^[^\x00]*$"
 
 
 class _Open(BaseModel):
@@ -16,6 +18,8 @@ class _Open(BaseModel):
 
 
 class EnvironmentMetadata(_Open):
+    """Open object; these keys, when present, are strings (clients validate them as such)."""
+
     lettaCodeVersion: str | None = None
     os: str | None = None
     nodeVersion: str | None = None
@@ -37,7 +41,9 @@ class EnvironmentConnection(BaseModel):
     lastHeartbeat: int | None = Field(description="Epoch ms of the last device ping.")
     lastSeenAt: int = Field(description="Epoch ms of the last activity.")
     firstSeenAt: int = Field(description="Epoch ms of the first registration of this slot.")
-    currentMode: Literal["default", "standard", "acceptEdits", "bypassPermissions", "unrestricted"] | None = None
+    currentMode: Literal["default", "standard", "acceptEdits", "bypassPermissions", "unrestricted"] | None = (
+        None
+    )
     metadata: EnvironmentMetadata | None = None
 
 
@@ -47,10 +53,12 @@ class EnvironmentList(BaseModel):
 
 
 class RegisterRequest(_Open):
-    deviceId: str = Field(min_length=1, max_length=MAX_ID)
-    listenerInstanceId: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
-    connectionName: str = Field(min_length=1, max_length=MAX_NAME)
-    metadata: dict[str, Any] | None = None
+    deviceId: str = Field(min_length=1, max_length=MAX_ID, pattern=NO_NUL)
+    listenerInstanceId: str | None = Field(default=None, min_length=1, max_length=MAX_ID, pattern=NO_NUL)
+    connectionName: str = Field(min_length=1, max_length=MAX_NAME, pattern=NO_NUL)
+    metadata: EnvironmentMetadata | None = Field(
+        default=None, description="Stored and returned verbatim (at most 64 KiB as JSON)."
+    )
 
 
 class RegisterResponse(BaseModel):
@@ -68,7 +76,7 @@ class TextPart(_Open):
 class UserMessage(_Open):
     role: Literal["user"]
     content: str | list[TextPart]
-    client_message_id: str = Field(min_length=1, max_length=MAX_ID)
+    client_message_id: str = Field(min_length=1, max_length=MAX_ID, pattern=NO_NUL)
     otid: str | None = None
 
 
@@ -79,8 +87,8 @@ class ApprovalMessage(_Open):
 
 class SendMessageRequest(_Open):
     messages: list[UserMessage | ApprovalMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    agentId: str = Field(min_length=1, max_length=MAX_ID)
-    conversationId: str | None = Field(default=None, max_length=MAX_ID)
+    agentId: str = Field(min_length=1, max_length=MAX_ID, pattern=NO_NUL)
+    conversationId: str | None = Field(default=None, max_length=MAX_ID, pattern=NO_NUL)
 
 
 class SendMessageResponse(BaseModel):
@@ -89,10 +97,13 @@ class SendMessageResponse(BaseModel):
 
 
 class TeleportRequest(_Open):
-    targetConnectionId: str = Field(min_length=1, max_length=MAX_ID)
-    idempotencyKey: str | None = Field(default=None, min_length=1, max_length=256)
+    targetConnectionId: str = Field(min_length=1, max_length=MAX_ID, pattern=NO_NUL)
+    idempotencyKey: str | None = Field(default=None, min_length=1, max_length=256, pattern=NO_NUL)
     sourceConnectionId: str | None = Field(
-        default=None, max_length=MAX_ID, description="Tether extension: the environment running the conversation."
+        default=None,
+        max_length=MAX_ID,
+        pattern=NO_NUL,
+        description="Tether extension: the environment running the conversation.",
     )
 
 

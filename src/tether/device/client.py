@@ -434,7 +434,7 @@ class Device:
     def task(self) -> asyncio.Task[int] | None:
         return self._task
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 -- a plain bound reads best in tests
+    async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until the listener is connected; raise if the device stops first."""
         waiter = asyncio.ensure_future(self.ready.wait())
         watched: set[asyncio.Future[Any]] = {waiter}
@@ -470,7 +470,7 @@ class Device:
             if adopted:
                 self._task = None
 
-    async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 -- bounds the graceful close
+    async def stop(self, timeout: float = 5.0) -> None:
         """Close the sockets with 1000 and end `run`, as SIGTERM would."""
         self._stopping = True
         task = self._task
@@ -500,7 +500,7 @@ class Device:
     async def wait_for(
         self,
         predicate: Callable[[Frame], bool],
-        timeout: float = 10.0,  # noqa: ASYNC109 -- a plain bound reads best in tests
+        timeout: float = 10.0,
         *,
         since: int = 0,
     ) -> Frame:

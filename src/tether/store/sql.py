@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -46,6 +47,17 @@ def _hash_secret(secret: str) -> str:
     return _HASH(secret.encode()).hexdigest()
 
 
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def storable(text: str) -> bool:
+    """Whether `text` can be stored at all: PostgreSQL text cannot hold NUL, so no row has one.
+
+    Lookups by such a value answer "not found" instead of sending it to the database, which would fail.
+    """
+    return "\x00" not in text
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -56,7 +68,14 @@ def _alembic_config() -> Config:
     return cfg
 
 
+# Arbitrary constant: the PostgreSQL advisory lock serialising the migrations of pods starting at once.
+_MIGRATION_LOCK = 0x7E7E_0001
+
+
 def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Held to the end of the transaction, so the second pod sees the first pod's finished schema.
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
     cfg = _alembic_config()
     cfg.attributes["connection"] = connection
     _check_not_newer(connection)
@@ -145,7 +164,9 @@ class SqlStore:
     # ---- organizations, users, keys -------------------------------------------------------
 
     async def _ensure_org_user(self, conn: AsyncConnection, org: str, user: str, now: int) -> tuple[str, str]:
-        org_id = (await conn.execute(sa.select(organizations.c.id).where(organizations.c.name == org))).scalar()
+        org_id = (
+            await conn.execute(sa.select(organizations.c.id).where(organizations.c.name == org))
+        ).scalar()
         if org_id is None:
             org_id = new_id("org")
             await conn.execute(organizations.insert().values(id=org_id, name=org, created_at=now))
@@ -157,20 +178,47 @@ class SqlStore:
         return org_id, user_id
 
     async def create_key(self, org_name: str, user_name: str, key_name: str, now_ms: int) -> str:
+        for attempt in range(3):
+            try:
+                async with self.engine.begin() as conn:
+                    return await self._insert_key(conn, org_name, user_name, key_name, now_ms)
+            except IntegrityError:
+                # Another process created the same organization or user first; use theirs.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def create_first_key(self, org_name: str, user_name: str, key_name: str, now_ms: int) -> str | None:
+        async with self.engine.begin() as conn:
+            await self._lock_keys(conn)
+            if (await conn.execute(sa.select(sa.func.count()).select_from(api_keys))).scalar():
+                return None
+            return await self._insert_key(conn, org_name, user_name, key_name, now_ms)
+
+    async def _lock_keys(self, conn: AsyncConnection) -> None:
+        """Serialise "create a key if there is none" between pods sharing one database."""
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK + 1})
+        else:
+            # A write as the first statement takes SQLite's write lock before the count is read.
+            await conn.execute(api_keys.update().where(sa.false()).values(name=api_keys.c.name))
+
+    async def _insert_key(
+        self, conn: AsyncConnection, org_name: str, user_name: str, key_name: str, now_ms: int
+    ) -> str:
         key_id = uuid.uuid4().hex[:16]
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-        async with self.engine.begin() as conn:
-            org_id, user_id = await self._ensure_org_user(conn, org_name, user_name, now_ms)
-            await conn.execute(
-                api_keys.insert().values(
-                    id=key_id,
-                    org_id=org_id,
-                    user_id=user_id,
-                    name=key_name,
-                    secret_hash=_hash_secret(secret),
-                    created_at=now_ms,
-                )
+        org_id, user_id = await self._ensure_org_user(conn, org_name, user_name, now_ms)
+        await conn.execute(
+            api_keys.insert().values(
+                id=key_id,
+                org_id=org_id,
+                user_id=user_id,
+                name=key_name,
+                secret_hash=_hash_secret(secret),
+                created_at=now_ms,
             )
+        )
         return secret
 
     async def list_keys(self) -> list[ApiKeyInfo]:
@@ -206,6 +254,8 @@ class SqlStore:
         ]
 
     async def revoke_key(self, key_id: str, now_ms: int) -> bool:
+        if not storable(key_id):
+            return False
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 api_keys.update()
@@ -222,6 +272,8 @@ class SqlStore:
         if not secret.startswith(KEY_PREFIX):
             return None
         key_id = secret[len(KEY_PREFIX) :].split("_", 1)[0]
+        if not _KEY_ID.fullmatch(key_id):
+            return None
         q = sa.select(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         async with self.engine.connect() as conn:
             row = (await conn.execute(q)).mappings().first()
@@ -240,7 +292,18 @@ class SqlStore:
         for _ in range(3):
             try:
                 async with self.engine.begin() as conn:
-                    existing = (await conn.execute(sa.select(environments).where(*slot))).mappings().first()
+                    # Lock the slot while reading it, so concurrent re-registrations of one slot queue
+                    # up and each sees the lease it replaces (none is lost without being reported as
+                    # previous). PostgreSQL: FOR UPDATE. SQLite ignores that; a no-op write as the first
+                    # statement takes its database write lock instead.
+                    if conn.dialect.name == "sqlite":
+                        await conn.execute(
+                            environments.update()
+                            .where(*slot)
+                            .values(last_seen_at=environments.c.last_seen_at)
+                        )
+                    locked = sa.select(environments).where(*slot).with_for_update()
+                    existing = (await conn.execute(locked)).mappings().first()
                     if existing is None:
                         row_id = new_id("env")
                         await conn.execute(
@@ -284,8 +347,10 @@ class SqlStore:
                             )
                         )
                     fresh = (
-                        await conn.execute(sa.select(environments).where(environments.c.id == row_id))
-                    ).mappings().one()
+                        (await conn.execute(sa.select(environments).where(environments.c.id == row_id)))
+                        .mappings()
+                        .one()
+                    )
                 return RegisterResult(row=_row(fresh), previous_connection_id=previous)
             except IntegrityError:
                 # Two first registrations of one slot raced; the loser retries as an update.
@@ -294,6 +359,10 @@ class SqlStore:
 
     async def list_environments(self, query: ListQuery) -> list[EnvironmentRow]:
         t = environments
+        if query.after is not None and not storable(query.after):
+            raise UnknownCursor(query.after)
+        if query.user_id is not None and not storable(query.user_id):
+            return []
         conds: list[sa.ColumnElement[bool]] = [t.c.org_id == query.org_id]
         if query.user_id is not None:
             conds.append(t.c.user_id == query.user_id)
@@ -321,6 +390,8 @@ class SqlStore:
         return [_row(r) for r in rows]
 
     async def get_by_device(self, org_id: str, device_id: str) -> list[EnvironmentRow]:
+        if not storable(device_id):
+            return []
         q = (
             sa.select(environments)
             .where(environments.c.org_id == org_id, environments.c.device_id == device_id)
@@ -330,6 +401,8 @@ class SqlStore:
             return [_row(r) for r in (await conn.execute(q)).mappings().all()]
 
     async def get_by_connection(self, connection_id: str) -> EnvironmentRow | None:
+        if not storable(connection_id):
+            return None
         q = sa.select(environments).where(environments.c.connection_id == connection_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(q)).mappings().first()
@@ -361,7 +434,13 @@ class SqlStore:
                 t.c.connection_id == sa.bindparam("cid"),
                 sa.or_(t.c.last_heartbeat.is_(None), t.c.last_heartbeat < sa.bindparam("hb")),
             )
-            .values(last_heartbeat=sa.bindparam("hb"), last_seen_at=sa.bindparam("hb"))
+            .values(
+                last_heartbeat=sa.bindparam("hb"),
+                # lastSeenAt may already be later (a registration, a status frame): keep the later one.
+                last_seen_at=sa.case(
+                    (t.c.last_seen_at < sa.bindparam("hb"), sa.bindparam("hb")), else_=t.c.last_seen_at
+                ),
+            )
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt, [{"cid": b.connection_id, "hb": b.last_heartbeat} for b in beats])
@@ -416,12 +495,16 @@ class SqlStore:
         return row
 
     async def get_teleport(self, org_id: str, teleport_id: str) -> TeleportRow | None:
+        if not storable(teleport_id):
+            return None
         q = sa.select(teleports).where(teleports.c.id == teleport_id, teleports.c.org_id == org_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(q)).mappings().first()
         return None if row is None else _teleport(row)
 
     async def find_teleport_by_key(self, org_id: str, idempotency_key: str) -> TeleportRow | None:
+        if not storable(idempotency_key):
+            return None
         q = sa.select(teleports).where(
             teleports.c.org_id == org_id, teleports.c.idempotency_key == idempotency_key
         )
