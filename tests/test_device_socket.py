@@ -346,3 +346,17 @@ async def test_metrics_count_what_happened(srv: Router) -> None:
     assert values["tether_devices_ready"] >= 1
     assert values["tether_registrations_total"] >= 1
     await dev.close()
+
+
+async def test_deleting_an_environment_closes_its_device_with_1008(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    row = await wait_until(lambda: _online_row(srv, dev.device_id))
+    other = srv.create_key("other-org-delete", "bob")
+    async with httpx.AsyncClient() as http:
+        url = f"{srv.base_url}/v1/environments/{row['id']}"
+        assert (await http.delete(url, headers=srv.headers(other))).status_code == 404
+        assert (await http.delete(url, headers=srv.headers())).status_code == 204
+        assert (await closed_with(dev.control))[0] == 1008
+        assert (await http.delete(url, headers=srv.headers())).json()["errorCode"] == "ENVIRONMENT_NOT_FOUND"
+        gone = await http.get(f"{srv.base_url}/v1/environments/{dev.device_id}", headers=srv.headers())
+    assert gone.status_code == 404

@@ -195,3 +195,20 @@ async def test_the_cli_on_one_pod_is_driven_from_another(
         await cli.stop()
         pod_a.stop()
         pod_b.stop()
+
+
+async def test_the_cli_re_registers_after_a_1008(srv: Router, cli: LettaCli) -> None:
+    await cli.start(srv.base_url, srv.key, "cli-1008")
+    await cli.wait_for_line(CONNECTED)
+    first = await wait_row(srv, "cli-1008", want_online=True)
+    async with httpx.AsyncClient() as http:
+        deleted = await http.delete(f"{srv.base_url}/v1/environments/{first.id}", headers=srv.headers())
+    assert deleted.status_code == 204
+    # The router closes the live socket with 1008: the CLI registers again and reconnects.
+    mark = len(cli.lines)
+    await cli.wait_for_line(r"re-registering", timeout=15, since=mark)
+    await cli.wait_for_line(CONNECTED, timeout=15, since=mark)
+    second = await wait_row(srv, "cli-1008", want_online=True)
+    assert second.id != first.id and second.connection_id != first.connection_id
+    assert second.device_id == first.device_id
+    assert cli.returncode is None

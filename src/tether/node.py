@@ -284,6 +284,19 @@ class Node:
             key=lambda r: (r["connectionId"] is not None, r["lastHeartbeat"] or 0, r["lastSeenAt"]),
         )
 
+    async def delete_environment(self, org_id: str, environment_id: str) -> bool:
+        """Forget a row; a device still connected with its lease is told to re-register (1008)."""
+        row = await self.store.delete_environment(org_id, environment_id)
+        if row is None:
+            return False
+        if row.connection_id is not None:
+            owner = (await self.live.lookup([row.connection_id])).get(row.connection_id)
+            if owner is not None:
+                await self.bus.close_device(
+                    row.connection_id, owner.pod_id, CLOSE_LEASE_UNKNOWN, "environment deleted"
+                )
+        return True
+
     # ---- sending to a device -------------------------------------------------------------
 
     async def owner_of(self, connection_id: str) -> str | None:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from tether.api.auth import node_of, require_principal
 from tether.api.errors import ApiError
@@ -219,6 +219,19 @@ async def get_teleport(
     if row is None or row.agent_id != agentId or row.conversation_id != conversationId:
         raise ApiError(404, "TELEPORT_NOT_FOUND", f"no teleport {teleportId!r} for this conversation")
     return Json(render(row, now_ms()))
+
+
+@router.delete("/{environmentId}", status_code=204, responses=_ERRORS)
+async def delete_environment(
+    request: Request,
+    caller: Caller,
+    environmentId: Annotated[str, Path(min_length=1, max_length=MAX_ID)],
+) -> Response:
+    """Delete an environment row by its `id`. A device still connected is closed with 1008 and
+    re-registers, creating a fresh row."""
+    if not await node_of(request).delete_environment(caller.org_id, environmentId):
+        raise ApiError(404, "ENVIRONMENT_NOT_FOUND", f"no environment with id {environmentId!r}")
+    return Response(status_code=204)
 
 
 @router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_ERRORS)

@@ -408,6 +408,21 @@ class SqlStore:
             row = (await conn.execute(q)).mappings().first()
         return None if row is None else _row(row)
 
+    async def delete_environment(self, org_id: str, environment_id: str) -> EnvironmentRow | None:
+        if not storable(environment_id):
+            return None
+        t = environments
+        async with self.engine.begin() as conn:
+            row = (
+                (await conn.execute(sa.select(t).where(t.c.id == environment_id, t.c.org_id == org_id)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            await conn.execute(t.delete().where(t.c.id == environment_id))
+        return _row(row)
+
     async def mark_connected(self, connection_id: str, pod_id: str, now_ms: int) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
