@@ -34,6 +34,7 @@ from tether.store.base import (
     StatusUpdate,
     Store,
 )
+from tether.teleports import Teleports
 
 log = logging.getLogger("tether.node")
 
@@ -68,7 +69,7 @@ class AuthCache:
         self.store = store
         self.ttl_ms = ttl_ms
         self.max_entries = max_entries
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: dict[str, tuple[float, Principal]] = {}
 
     async def resolve(self, secret: str) -> Principal | None:
         now = now_ms()
@@ -76,6 +77,8 @@ class AuthCache:
         if hit is not None and now - hit[0] < self.ttl_ms:
             return hit[1]
         principal = await self.store.authenticate(secret)
+        if principal is None:
+            return None  # not cached: a key created a moment later must work at once
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
         self._cache[secret] = (now, principal)
@@ -99,8 +102,6 @@ class Node:
         self._status_writers: set[str] = set()
         self.draining = False
         self.counters = Counters()
-        from tether.teleports import Teleports
-
         self.teleports = Teleports(self)
 
     # ---- lifecycle -----------------------------------------------------------------------
