@@ -131,16 +131,18 @@ class Node:
         await self.store.close()
 
     async def drain(self, window_s: float) -> None:
-        """Close device sockets spread over the window, in random order at jittered instants, so
-        devices reconnect to other pods gradually instead of all at once."""
+        """Close device sockets spread over the window so devices reconnect to other pods gradually."""
         self.draining = True
         links = [link for link in self.hub.devices.values() if link.pairing.sockets()]
         if not links:
             return
+        random.shuffle(links)
+        slot = window_s / len(links)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        for at, link in sorted(((random.uniform(0, window_s), link) for link in links), key=lambda p: p[0]):
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
+        for i, link in enumerate(links):
+            # One jittered instant per equal slot: spread is guaranteed, lockstep is not possible.
+            await asyncio.sleep(max(0.0, start + (i + random.random()) * slot - loop.time()))
             for sock in link.pairing.sockets():
                 await sock.close(CLOSE_DRAIN, "router pod shutting down")
 
@@ -177,18 +179,24 @@ class Node:
         interval = min(5.0, max(0.05, self.settings.offline_after_seconds / 10))
         while True:
             await asyncio.sleep(interval)
-            now = now_ms()
-            for link in list(self.hub.devices.values()):
-                if link.ready and is_silent(link.last_heartbeat, now, self.offline_after_ms):
-                    log.info(
-                        "device %s silent for %ss: dropping it",
-                        link.connection_id,
-                        self.settings.offline_after_seconds,
-                    )
-                    for sock in link.pairing.sockets():
-                        await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
-            self.teleports.tick(now)
-            await self._check_remote_owners(now)
+            try:
+                await self._sweep(now_ms())
+            except Exception as exc:
+                log.warning("sweep failed: %r", exc)
+
+    async def _sweep(self, now: int) -> None:
+        """Drop silent devices, time out teleports, notice devices whose pod went away."""
+        for link in list(self.hub.devices.values()):
+            if link.ready and is_silent(link.last_heartbeat, now, self.offline_after_ms):
+                log.info(
+                    "device %s silent for %ss: dropping it",
+                    link.connection_id,
+                    self.settings.offline_after_seconds,
+                )
+                for sock in link.pairing.sockets():
+                    await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
+        self.teleports.tick(now)
+        await self._check_remote_owners(now)
 
     # ---- REST: environments --------------------------------------------------------------
 
