@@ -379,11 +379,11 @@ class SqlStore:
                 ).first()
                 if cursor is None:
                     raise UnknownCursor(query.after)
+                # A row-value comparison, so both SQLite and PostgreSQL seek the (org, order) index
+                # instead of scanning: an OR of the two cases defeats the index.
                 conds.append(
-                    sa.or_(
-                        t.c.first_seen_at > cursor.first_seen_at,
-                        sa.and_(t.c.first_seen_at == cursor.first_seen_at, t.c.id > cursor.id),
-                    )
+                    sa.tuple_(t.c.first_seen_at, t.c.id)
+                    > sa.tuple_(sa.literal(cursor.first_seen_at), sa.literal(cursor.id))
                 )
             q = sa.select(t).where(*conds).order_by(t.c.first_seen_at, t.c.id).limit(query.limit)
             rows = (await conn.execute(q)).mappings().all()
