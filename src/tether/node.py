@@ -454,11 +454,7 @@ class Node:
     async def device_frame(self, link: DeviceLink, sock: DeviceSocket, frame: Frame) -> None:
         kind = frame.type
         if kind == "ping":
-            self.counters.device_heartbeats += 1
-            await sock.send(PONG)
-            now = now_ms()
-            link.last_heartbeat = now
-            self.live.heartbeat(link.connection_id, now)
+            await self.device_ping(link, sock)
             return
         if kind in ("pong", "listener_ready"):
             return
@@ -468,6 +464,14 @@ class Node:
         if kind in _RUNTIME_MARKERS and frame.agent_id and frame.conversation_id:
             self.live.note_runtime(link.org_id, frame.agent_id, frame.conversation_id, link.connection_id)
         self.hub.device_frame(link, frame)
+
+    async def device_ping(self, link: DeviceLink, sock: DeviceSocket) -> None:
+        """Answer on the socket that pinged and refresh liveness: in memory, no database write."""
+        self.counters.device_heartbeats += 1
+        await sock.send(PONG)
+        now = now_ms()
+        link.last_heartbeat = now
+        self.live.heartbeat(link.connection_id, now)
 
     def _queue_status(self, connection_id: str, frame: Frame) -> None:
         fields = status_fields(frame.body)

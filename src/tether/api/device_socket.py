@@ -17,6 +17,7 @@ log = logging.getLogger("tether.device_socket")
 router = APIRouter()
 
 CLOSE_BAD_HELLO = 4400
+PING = '{"type":"ping"}'
 
 
 def _hello(params: dict[str, str]) -> Hello | None:
@@ -72,6 +73,10 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
             if data is None:
                 data = message.get("bytes")
             if data is None or sock.closed:
+                continue
+            if data == PING:
+                # Most of a device's traffic: answered without parsing (devices send exactly this).
+                await node.device_ping(link, sock)
                 continue
             try:
                 frame = decode(data)
