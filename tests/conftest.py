@@ -159,6 +159,15 @@ def start_router(
     return router
 
 
+@pytest.fixture(scope="module")
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    """One router shared by a test module, started with the module's `ROUTER_SETTINGS` (if any)."""
+    settings: dict[str, Any] = getattr(request.module, "ROUTER_SETTINGS", {})
+    r = start_router(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), **settings)
+    yield r
+    r.stop()
+
+
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[Router]:
     r = start_router(tmp_path / "router")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,17 +25,7 @@ from tests.wire import (
     wait_until,
 )
 
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    r = start_router(
-        tmp_path_factory.mktemp("devsock"),
-        offline_after_seconds=3,
-        reconnect_grace_seconds=1,
-        heartbeat_flush_seconds=60,
-    )
-    yield r
-    r.stop()
+ROUTER_SETTINGS = {"offline_after_seconds": 3, "reconnect_grace_seconds": 1, "heartbeat_flush_seconds": 60}
 
 
 async def test_paired_split_sockets_get_listener_ready_and_the_row_turns_online(srv: Router) -> None:

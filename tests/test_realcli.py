@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,6 @@ def letta_js() -> Path:
     except CliUnavailableError as exc:
         service_missing(f"the Letta Code CLI ({exc})")
         raise
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("realcli"))
-    yield r
-    r.stop()
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import Router, start_router
+from tests.conftest import Router
 from tests.wire import env_row, wait_until
 from tether.device.behaviour import Behaviour, DeviceSettings, Event, Reply, Scope
 from tether.device.client import (
@@ -28,13 +28,6 @@ from tether.device.client import (
 
 Frame = dict[str, Any]
 SCOPE = {"agent_id": "agent-ref", "conversation_id": "default"}
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("refdev"))
-    yield r
-    r.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,7 @@ RT1 = {"agent_id": "agent-1", "conversation_id": "conv-1"}
 RT2 = {"agent_id": "agent-1", "conversation_id": "conv-2"}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("relay"), reconnect_grace_seconds=2)
-    yield r
-    r.stop()
+ROUTER_SETTINGS = {"reconnect_grace_seconds": 2}
 
 
 def relay_url(srv: Router, connection_id: str, **params: str) -> str:

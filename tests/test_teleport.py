@@ -5,24 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router
+from tests.conftest import Router
 from tests.wire import RawDevice, recv_type
 from tether.device.client import Device
 
 AGENT = "agent-tp"
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("teleport"))
-    yield r
-    r.stop()
 
 
 @pytest.fixture
