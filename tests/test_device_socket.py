@@ -349,3 +349,18 @@ async def test_deleting_an_environment_closes_its_device_with_1008(srv: Router) 
         assert (await http.delete(url, headers=srv.headers())).json()["errorCode"] == "ENVIRONMENT_NOT_FOUND"
         gone = await http.get(f"{srv.base_url}/v1/environments/{dev.device_id}", headers=srv.headers())
     assert gone.status_code == 404
+
+
+async def test_quick_reconnects_leave_the_row_online(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    for attempt in range(2, 22):
+        await dev.close()
+        dev.control, dev.stream = await open_pair(
+            dev.ws_url, srv.key, dev.device_id, dev.name, attempt=attempt
+        )
+    await asyncio.sleep(0.5)  # every overlapping presence write has landed by now
+    row = await env_row(srv.base_url, srv.key, dev.device_id)
+    assert row["connectionId"] == dev.connection_id and row["podId"] == srv.pod_id
+    listed = srv.sdk().environments.list(online_only=True).connections
+    assert dev.device_id in {r.device_id for r in listed}
+    await dev.close()

@@ -320,3 +320,15 @@ async def test_a_client_that_joins_while_the_device_is_away_is_subscribed_on_its
     await dev.emit("turn_finished", RT1, turn_id="t", stop_reason="end_turn")
     assert (await recv_type(control, "turn_finished"))["runtime"] == RT1
     await dev.close()
+
+
+async def test_client_request_ids_are_never_mistaken_for_the_routers_own(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    ws = await open_socket(relay_url(srv, dev.connection_id), srv.key)
+    await ws.send('{"type":"app_server_info","request_id":"tether-sub-mine"}')
+    assert json.loads(await dev.control.recv())["request_id"] == "tether-sub-mine"
+    await dev.control.send(
+        '{"type":"app_server_info_response","request_id":"tether-sub-mine","success":true}'
+    )
+    assert (await recv(ws))["request_id"] == "tether-sub-mine"
+    await dev.close()

@@ -29,8 +29,9 @@ log = logging.getLogger("tether.hub")
 CLOSE_DEVICE_OFFLINE = 1001
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_SHUTDOWN = 1012
-# Request ids the router itself sends (scope subscriptions); their answers are not relayed.
-INTERNAL_PREFIX = "tether-"
+# The router's own requests (scope subscriptions) remembered per connection; their answers are
+# not relayed. Bounded: a device that never answers cannot grow it.
+INTERNAL_REQUESTS_PER_CONNECTION = 1024
 REQUEST_ROUTES_PER_CONNECTION = 10_000
 
 
@@ -89,6 +90,8 @@ class DeviceLink:
     away_timer: asyncio.TimerHandle | None = None
     reorder_timer: asyncio.TimerHandle | None = None
     replaced: bool = False
+    presence_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    presence_written: bool = False  # what live state and the row last said: connected or not
 
     @property
     def ready(self) -> bool:
@@ -208,6 +211,22 @@ class FrameListener(Protocol):
     def on_device_state(self, connection_id: str, state: DeviceState) -> None: ...
 
 
+class BoundedSet:
+    """A set that forgets its oldest members past `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        if len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+
 @dataclass(eq=False)
 class Watch:
     """Everything this pod holds for one connection's clients."""
@@ -219,6 +238,9 @@ class Watch:
     members: dict[Scope, set[ClientSocket]] = field(default_factory=dict)
     requests: OrderedDict[str, ClientSocket] = field(default_factory=OrderedDict)
     listeners: set[FrameListener] = field(default_factory=set)
+    internal_requests: BoundedSet = field(
+        default_factory=lambda: BoundedSet(INTERNAL_REQUESTS_PER_CONNECTION)
+    )
     losses: int = 0
     state: DeviceState | None = None  # None: no change seen since this pod started watching
     ownerless_since: int | None = None  # first sweep that found no pod holding the device
@@ -277,7 +299,7 @@ class Watch:
         for listener in list(self.listeners):
             listener.on_device_frame(self.connection_id, frame)
         if frame.request_id is not None and frame.event_seq is None:
-            if frame.request_id.startswith(INTERNAL_PREFIX):
+            if frame.request_id in self.internal_requests:
                 return
             sender = self.requests.get(frame.request_id)
             if sender is not None and (sender in self.sockets or sender.id in self.detached):

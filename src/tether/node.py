@@ -391,21 +391,36 @@ class Node:
         if link.away_timer is not None:
             link.away_timer.cancel()
             link.away_timer = None
-        previous = (await self.live.lookup([link.connection_id])).get(link.connection_id)
-        await self.live.device_connected(link.connection_id, self.pod_id, now)
-        if previous is not None and previous.pod_id != self.pod_id:
-            # The device came back through another pod while the old one may hold a half-open socket.
-            await self.bus.close_device(
-                link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere"
-            )
-        await self.store.mark_connected(link.connection_id, self.pod_id, now)
+        await self._sync_presence(link)
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.ONLINE))
         log.info("device %s (%s) online", link.connection_id, link.connection_name)
 
+    async def _sync_presence(self, link: DeviceLink) -> None:
+        """Make live state and the row say what the link is now, one writer per link.
+
+        A quick reconnect makes a disconnect and a connect overlap; writing the current state under
+        a lock, until what was written matches it, keeps the last word with the latest event."""
+        async with link.presence_lock:
+            while link.presence_written is not link.ready:
+                connected = link.ready
+                now = now_ms()
+                if connected:
+                    previous = (await self.live.lookup([link.connection_id])).get(link.connection_id)
+                    await self.live.device_connected(link.connection_id, self.pod_id, now)
+                    if previous is not None and previous.pod_id != self.pod_id:
+                        # Back through another pod, which may still hold a half-open socket.
+                        await self.bus.close_device(
+                            link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere"
+                        )
+                    await self.store.mark_connected(link.connection_id, self.pod_id, now)
+                else:
+                    await self.live.device_disconnected(link.connection_id, self.pod_id)
+                    await self.store.mark_disconnected(link.connection_id, self.pod_id, now)
+                link.presence_written = connected
+
     async def _device_lost(self, link: DeviceLink) -> None:
         self.hub.flush_reorder(link)
-        await self.live.device_disconnected(link.connection_id, self.pod_id)
-        await self.store.mark_disconnected(link.connection_id, self.pod_id, now_ms())
+        await self._sync_presence(link)
         if link.replaced:
             self._declare_offline(link)
             return
@@ -444,8 +459,8 @@ class Node:
 
     def _declare_offline(self, link: DeviceLink) -> None:
         link.away_timer = None
-        if link.ready:
-            return
+        if link.ready or link.pairing.control is not None:
+            return  # back, or coming back: its stream socket is on the way
         if self.hub.devices.get(link.connection_id) is link:
             del self.hub.devices[link.connection_id]
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.OFFLINE))
@@ -572,9 +587,11 @@ class Node:
         """Subscribe the device connection to a scope: it emits scoped events only for subscribers."""
         if scope.agent_id is None:
             return
-        sync = scoped_sync(
-            scope.agent_id, scope.conversation_id or "default", f"tether-sub-{uuid.uuid4().hex}"
-        )
+        request_id = f"tether-sub-{uuid.uuid4().hex}"
+        watch = self.hub.watches.get(connection_id)
+        if watch is not None:
+            watch.internal_requests.add(request_id)
+        sync = scoped_sync(scope.agent_id, scope.conversation_id or "default", request_id)
         await self.send_to_device(connection_id, sync)
 
     def _resubscribe(self, watch: Watch) -> None:
