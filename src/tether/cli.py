@@ -115,6 +115,7 @@ def _given(**values: object) -> dict[str, object]:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from tether.api.fastpath import SocketsFirst
     from tether.app import create_app
 
     try:
@@ -127,7 +128,7 @@ def serve(settings: Settings) -> int:
         print(f"tether: refusing to start: cannot migrate the database {url}: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(
-        create_app(settings),
+        SocketsFirst(create_app(settings)),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
