@@ -23,7 +23,7 @@ from tether.metrics import Counters
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync, status_fields
 from tether.protocol.history import History
-from tether.protocol.pairing import Hello, Lost, Ready
+from tether.protocol.pairing import Channel, Hello, Lost, Ready
 from tether.protocol.presence import Liveness, is_online, is_silent, lease_expired
 from tether.store.base import (
     EnvironmentRow,
@@ -319,9 +319,8 @@ class Node:
         if owner is None:
             return False
         try:
-            return await asyncio.wait_for(
-                self.bus.send_to_device(connection_id, owner, text), self.settings.send_timeout_seconds
-            )
+            async with asyncio.timeout(self.settings.send_timeout_seconds):
+                return await self.bus.send_to_device(connection_id, owner, text)
         except TimeoutError:
             return False
 
@@ -349,28 +348,31 @@ class Node:
 
     # ---- device sockets ------------------------------------------------------------------
 
-    async def open_lease(self, principal: Principal | None, connection_id: str) -> EnvironmentRow:
+    async def open_lease(self, principal: Principal | None, connection_id: str, hello: Hello) -> DeviceLink:
+        """The link a device socket joins, or LeaseRefused (the edge closes with 1008)."""
         if principal is None:
             raise LeaseRefused("invalid API key")
+        link = self.hub.devices.get(connection_id)
+        if (
+            link is not None
+            and hello.channel is Channel.STREAM
+            and link.pairing.control is not None
+            and link.org_id == principal.org_id
+            and not link.replaced
+        ):
+            return link  # the lease was checked moments ago, for this pair's control socket
         row = await self.store.get_by_connection(connection_id)
-        if row is None or row.org_id != principal.org_id:
+        if row is None or row.org_id != principal.org_id or row.connection_id is None:
             raise LeaseRefused("unknown connection")
         owner = (await self.live.lookup([connection_id])).get(connection_id)
         last_activity = max(row.last_seen_at, row.lease_issued_at or 0, row.last_heartbeat or 0)
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
-        if (
-            owner is None
-            and connection_id not in self.hub.devices
-            and lease_expired(last_activity, now_ms(), ttl_ms)
-        ):
+        if owner is None and link is None and lease_expired(last_activity, now_ms(), ttl_ms):
             raise LeaseRefused("lease expired")
-        return row
+        return self.hub.link(row.connection_id, row.org_id, row.device_id, row.connection_name)
 
-    async def device_opened(self, row: EnvironmentRow, sock: DeviceSocket, hello: Hello) -> DeviceLink:
-        assert row.connection_id is not None
-        link = self.hub.link(row.connection_id, row.org_id, row.device_id, row.connection_name)
+    async def device_opened(self, link: DeviceLink, sock: DeviceSocket, hello: Hello) -> None:
         await self._pairing_actions(link, link.pairing.opened(sock, hello))
-        return link
 
     async def device_closed(self, link: DeviceLink, sock: DeviceSocket) -> None:
         sock.closed = True

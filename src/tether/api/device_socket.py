@@ -57,12 +57,12 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
         await ws.close(CLOSE_BAD_HELLO, "invalid channel, connectionGeneration or connectionAttempt")
         return
     try:
-        row = await node.open_lease(principal, connection_id)
+        link = await node.open_lease(principal, connection_id, hello)
     except LeaseRefused as refused:
         await ws.close(CLOSE_LEASE_UNKNOWN, refused.reason)
         return
     sock = DeviceSocket(WsTransport(ws), node.settings.device_queue_frames)
-    link = await node.device_opened(row, sock, hello)
+    await node.device_opened(link, sock, hello)
     malformed = 0
     try:
         while True:
