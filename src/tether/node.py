@@ -29,6 +29,7 @@ from tether.store.base import (
     EnvironmentRow,
     Heartbeat,
     ListQuery,
+    PresenceChange,
     Principal,
     Registration,
     StatusUpdate,
@@ -43,6 +44,8 @@ CLOSE_REPLACED = 1000
 REPLACED_REASON = "Replaced by new connection"
 CLOSE_HEARTBEAT_TIMEOUT = 4004
 CLOSE_DRAIN = 1012
+# Presence rows are written in batches at most this far behind live state.
+PRESENCE_BATCH_SECONDS = 0.1
 # Frames whose runtime tells which device runs a conversation (for teleport's source lookup).
 _RUNTIME_MARKERS = frozenset(
     {"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"}
@@ -102,6 +105,8 @@ class Node:
         self._status_writers: set[str] = set()
         self.draining = False
         self.counters = Counters()
+        self._presence_pending: dict[str, PresenceChange] = {}
+        self._presence_writer: asyncio.Task[None] | None = None
         self.teleports = Teleports(self)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -120,12 +125,17 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._presence_writer is not None:
+            self._presence_writer.cancel()
         await self._flush_heartbeats()
         now = now_ms()
-        for link in list(self.hub.devices.values()):
+        for link in self.hub.devices.values():
             if link.ready:
-                with contextlib.suppress(Exception):
-                    await self.store.mark_disconnected(link.connection_id, self.pod_id, now)
+                self._presence_pending[link.connection_id] = PresenceChange(
+                    link.connection_id, self.pod_id, False, now
+                )
+        with contextlib.suppress(Exception):
+            await self.store.write_presence(list(self._presence_pending.values()))
         await self.bus.close()
         await self.live.close()
         await self.store.close()
@@ -414,11 +424,29 @@ class Node:
                         await self.bus.close_device(
                             link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere"
                         )
-                    await self.store.mark_connected(link.connection_id, self.pod_id, now)
                 else:
                     await self.live.device_disconnected(link.connection_id, self.pod_id)
-                    await self.store.mark_disconnected(link.connection_id, self.pod_id, now)
+                self._queue_presence(PresenceChange(link.connection_id, self.pod_id, connected, now))
                 link.presence_written = connected
+
+    def _queue_presence(self, change: PresenceChange) -> None:
+        """Rows follow live state in batches: a reconnect storm becomes a few transactions, not
+        thousands queueing for the database while sockets wait. Reads overlay live state anyway."""
+        self._presence_pending[change.connection_id] = change
+        if self._presence_writer is None or self._presence_writer.done():
+            self._presence_writer = asyncio.get_running_loop().create_task(self._write_presence())
+
+    async def _write_presence(self) -> None:
+        while self._presence_pending:
+            await asyncio.sleep(PRESENCE_BATCH_SECONDS)
+            batch, self._presence_pending = self._presence_pending, {}
+            try:
+                await self.store.write_presence(list(batch.values()))
+            except Exception as exc:
+                log.warning("presence write of %d rows failed, retrying: %r", len(batch), exc)
+                for conn, change in batch.items():
+                    self._presence_pending.setdefault(conn, change)
+                await asyncio.sleep(1.0)
 
     async def _device_lost(self, link: DeviceLink) -> None:
         self.hub.flush_reorder(link)

@@ -99,6 +99,16 @@ class StatusUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """A lease's socket came up (connected) or went down on `pod_id`, at `at_ms`."""
+
+    connection_id: str
+    pod_id: str
+    connected: bool
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     connection_id: str
     last_heartbeat: int
@@ -145,6 +155,10 @@ class Store(Protocol):
     async def delete_environment(self, org_id: str, environment_id: str) -> EnvironmentRow | None: ...
     async def mark_connected(self, connection_id: str, pod_id: str, now_ms: int) -> None: ...
     async def mark_disconnected(self, connection_id: str, pod_id: str, now_ms: int) -> None: ...
+    async def write_presence(self, changes: Sequence[PresenceChange]) -> None:
+        """Apply many presence changes in one transaction (at most one per connection)."""
+        ...
+
     async def flush_heartbeats(self, beats: Sequence[Heartbeat]) -> None: ...
     async def update_status(self, connection_id: str, update: StatusUpdate, now_ms: int) -> None: ...
     async def clear_dead_pods(self, live_pods: set[str], now_ms: int) -> int: ...

@@ -25,6 +25,7 @@ from tether.store.base import (
     EnvironmentRow,
     Heartbeat,
     ListQuery,
+    PresenceChange,
     Principal,
     RegisterResult,
     Registration,
@@ -424,20 +425,33 @@ class SqlStore:
         return _row(row)
 
     async def mark_connected(self, connection_id: str, pod_id: str, now_ms: int) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                environments.update()
-                .where(environments.c.connection_id == connection_id)
-                .values(connected_at=now_ms, pod_id=pod_id, last_heartbeat=now_ms, last_seen_at=now_ms)
-            )
+        await self.write_presence([PresenceChange(connection_id, pod_id, True, now_ms)])
 
     async def mark_disconnected(self, connection_id: str, pod_id: str, now_ms: int) -> None:
+        await self.write_presence([PresenceChange(connection_id, pod_id, False, now_ms)])
+
+    async def write_presence(self, changes: Sequence[PresenceChange]) -> None:
+        t = environments
+        ups = [{"cid": c.connection_id, "pod": c.pod_id, "at": c.at_ms} for c in changes if c.connected]
+        downs = [{"cid": c.connection_id, "pod": c.pod_id, "at": c.at_ms} for c in changes if not c.connected]
+        at: sa.BindParameter[int] = sa.bindparam("at")
         async with self.engine.begin() as conn:
-            await conn.execute(
-                environments.update()
-                .where(environments.c.connection_id == connection_id, environments.c.pod_id == pod_id)
-                .values(connected_at=None, pod_id=None, last_seen_at=now_ms)
-            )
+            if ups:
+                await conn.execute(
+                    t.update()
+                    .where(t.c.connection_id == sa.bindparam("cid"))
+                    .values(connected_at=at, pod_id=sa.bindparam("pod"), last_heartbeat=at, last_seen_at=at),
+                    ups,
+                )
+            if downs:
+                # Only the pod that claimed the lease clears it: a late close from a pod the device
+                # already left must not undo the new pod's claim.
+                await conn.execute(
+                    t.update()
+                    .where(t.c.connection_id == sa.bindparam("cid"), t.c.pod_id == sa.bindparam("pod"))
+                    .values(connected_at=None, pod_id=None, last_seen_at=at),
+                    downs,
+                )
 
     async def flush_heartbeats(self, beats: Sequence[Heartbeat]) -> None:
         if not beats:
