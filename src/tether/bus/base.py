@@ -38,6 +38,20 @@ class BusHandler(Protocol):
     async def close_device(self, connection_id: str, code: int, reason: str) -> bool: ...
 
 
+class BoundBus:
+    """The hub a bus delivers to; both implementations are bound to it once, at start."""
+
+    _handler: BusHandler | None = None
+
+    def bind(self, handler: BusHandler) -> None:
+        self._handler = handler
+
+    @property
+    def handler(self) -> BusHandler:
+        assert self._handler is not None, "bus used before the hub was bound"
+        return self._handler
+
+
 class Bus(Protocol):
     def bind(self, handler: BusHandler) -> None: ...
     async def start(self) -> None: ...

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from tether.bus.base import BusHandler, DeviceEvent
+from tether.bus.base import BoundBus, DeviceEvent
 
 
-class MemoryBus:
-    def __init__(self) -> None:
-        self._handler: BusHandler | None = None
-
-    def bind(self, handler: BusHandler) -> None:
-        self._handler = handler
-
-    @property
-    def handler(self) -> BusHandler:
-        assert self._handler is not None, "bus used before the hub was bound"
-        return self._handler
+class MemoryBus(BoundBus):
 
     async def start(self) -> None:
         return None

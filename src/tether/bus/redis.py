@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tether.bus.base import BusHandler, DeviceEvent, DeviceState
+from tether.bus.base import BoundBus, DeviceEvent, DeviceState
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.livestate.redis import (
@@ -133,14 +133,13 @@ class _Loop:
         return running and self.up and fresh
 
 
-class RedisBus:
+class RedisBus(BoundBus):
     def __init__(self, settings: Settings, *, prefix: str = KEY_PREFIX) -> None:
         assert settings.redis_url, "RedisBus needs TETHER_REDIS_URL"
         self.pod_id = settings.pod_id
         self.keys = RedisKeys(prefix)
         self.redis = connect_redis(settings.redis_url)
         self.send_timeout = settings.send_timeout_seconds
-        self._handler: BusHandler | None = None
         self._request = self.redis.register_script(_REQUEST)
         self._replies: dict[str, asyncio.Future[bool]] = {}
         self._inbox = _Loop()
@@ -160,14 +159,6 @@ class RedisBus:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
-
-    def bind(self, handler: BusHandler) -> None:
-        self._handler = handler
-
-    @property
-    def handler(self) -> BusHandler:
-        assert self._handler is not None, "bus used before the hub was bound"
-        return self._handler
 
     # ---- lifecycle -----------------------------------------------------------------------
 
