@@ -102,7 +102,11 @@ class Node:
         self.offline_after_ms = int(settings.offline_after_seconds * 1000)
         self._tasks: list[asyncio.Task[None]] = []
         self._status_pending: dict[str, StatusUpdate] = {}
-        self._status_writers: set[str] = set()
+        # Statuses are written by one task, one at a time: a reconnect storm re-sends thousands, and
+        # as concurrent transactions they queue for SQLite's write lock holding every pool connection,
+        # so lease lookups time out (QueuePool limit reached). Unchanged ones are not written at all.
+        self._status_written: dict[str, StatusUpdate] = {}
+        self._status_writer: asyncio.Task[None] | None = None
         self.draining = False
         self.counters = Counters()
         self._presence_pending: dict[str, PresenceChange] = {}
@@ -125,8 +129,9 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._presence_writer is not None:
-            self._presence_writer.cancel()
+        for writer in (self._presence_writer, self._status_writer):
+            if writer is not None:
+                writer.cancel()
         await self._flush_heartbeats()
         now = now_ms()
         for link in self.hub.devices.values():
@@ -493,6 +498,7 @@ class Node:
             return  # back, or coming back: its stream socket is on the way
         if self.hub.devices.get(link.connection_id) is link:
             del self.hub.devices[link.connection_id]
+            self._status_written.pop(link.connection_id, None)
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.OFFLINE))
         log.info("device %s (%s) offline", link.connection_id, link.connection_name)
 
@@ -530,23 +536,23 @@ class Node:
         keep_mode = "permissionMode" not in patch
         if keep_mode and pending is not None and pending.set_mode:
             mode, keep_mode = pending.current_mode, False
-        self._status_pending[connection_id] = StatusUpdate(
-            current_mode=mode, set_mode=not keep_mode, metadata_patch=merged
-        )
-        if connection_id not in self._status_writers:
-            self._status_writers.add(connection_id)
-            asyncio.get_running_loop().create_task(self._write_status(connection_id))
+        update = StatusUpdate(current_mode=mode, set_mode=not keep_mode, metadata_patch=merged)
+        if pending is None and self._status_written.get(connection_id) == update:
+            return  # a device re-sends its unchanged status on every reconnect
+        self._status_pending[connection_id] = update
+        if self._status_writer is None or self._status_writer.done():
+            self._status_writer = asyncio.get_running_loop().create_task(self._write_statuses())
 
-    async def _write_status(self, connection_id: str) -> None:
-        """One write in flight per device; bursts of status frames coalesce into the latest."""
-        try:
-            while (update := self._status_pending.pop(connection_id, None)) is not None:
-                try:
-                    await self.store.update_status(connection_id, update, now_ms())
-                except Exception as exc:
-                    log.warning("status update for %s failed: %r", connection_id, exc)
-        finally:
-            self._status_writers.discard(connection_id)
+    async def _write_statuses(self) -> None:
+        """Oldest first; a burst of status frames from one device coalesces into its latest."""
+        while self._status_pending:
+            connection_id = next(iter(self._status_pending))
+            update = self._status_pending.pop(connection_id)
+            try:
+                await self.store.update_status(connection_id, update, now_ms())
+                self._status_written[connection_id] = update
+            except Exception as exc:
+                log.warning("status update for %s failed: %r", connection_id, exc)
 
     # ---- relay sockets -------------------------------------------------------------------
 
