@@ -9,7 +9,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from bench.servers import PYTHON, cpu_seconds, rss_kib
+from bench.servers import PYTHON, Measured
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ def _log_file(workdir: Path, name: str) -> BinaryIO:
     return (workdir / name).open("wb")
 
 
-class AgentProcess:
+class AgentProcess(Measured):
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
         self.proc = proc
@@ -43,16 +43,6 @@ class AgentProcess:
                 limit=64 * 1024 * 1024,
             )
         return cls(name, proc)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss_kib(self) -> int:
-        return rss_kib(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -62,8 +63,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / clock_ticks()
 
 
+class Measured:
+    """Resource readings of a child process, for anything holding it as `proc`."""
+
+    proc: Any
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+
 @dataclass
-class Server:
+class Server(Measured):
     name: str
     base_url: str
     proc: subprocess.Popen[bytes]
@@ -74,16 +91,6 @@ class Server:
     @property
     def ws_base(self) -> str:
         return "ws" + self.base_url[len("http") :]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss_kib(self) -> int:
-        return rss_kib(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
