@@ -189,6 +189,9 @@ def test_help_documents_every_setting(argv: list[str], capsys: pytest.CaptureFix
         ("TETHER_OFFLINE_AFTER_SECONDS", "soon"),
         ("TETHER_BOOTSTRAP_KEY", "maybe"),
         ("TETHER_DATABASE_URL", "mysql://db/tether"),
+        ("TETHER_GC_THRESHOLDS", "700,10"),
+        ("TETHER_GC_THRESHOLDS", "0,10,10"),
+        ("TETHER_LISTEN_BACKLOG", "lots"),
     ],
 )
 def test_a_malformed_setting_is_a_clear_error_naming_the_variable(

@@ -337,6 +337,54 @@ async def test_relay_socket_on_another_pod_carries_frames_both_ways(cluster: Clu
         await device.close()
 
 
+async def test_a_lease_replaced_through_another_pod_is_refused_where_its_device_dropped(
+    cluster: Cluster,
+) -> None:
+    """Pod A still remembers the dropped device (grace window) and would let it back in from memory;
+    the registration on pod B must reach it through live state."""
+    a, b = pod(cluster, "a"), pod(cluster, "b")
+    device = Device(cluster.key)
+    old = await device.register(a)
+    await device.connect(a)
+    await wait_online(b, device, a)
+    await device.close()
+    assert await device.register(b) != old
+    query = urlencode({"deviceId": device.device_id, "connectionName": device.name, "channel": "control",
+                       "connectionGeneration": str(uuid.uuid4()), "connectionAttempt": 2})  # fmt: skip
+    url = f"{a.ws_base}/v1/environments/ws/{old}?{query}"
+    async with connect(url, additional_headers=device.auth, ping_interval=None) as stale:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(stale.recv(), 10)
+        assert stale.close_code == 1008
+
+
+async def test_relay_commands_follow_a_device_that_moves_to_another_pod(cluster: Cluster) -> None:
+    """The client's pod remembers where the device was; after the move its commands still arrive."""
+    a, b, c = pod(cluster, "a"), pod(cluster, "b"), pod(cluster, "c")
+    device = Device(cluster.key)
+    await device.register(a)
+    await device.connect(a)
+    await wait_online(b, device, a)
+    relay_url = f"{b.ws_base}/v1/environments/{device.connection_id}/status/ws"
+
+    async def command_arrives(relay: ClientConnection, request_id: str) -> None:
+        command = {"type": "abort_message", "request_id": request_id,
+                   "runtime": {"agent_id": "agent-1", "conversation_id": "default"}}  # fmt: skip
+        await relay.send(json.dumps(command))
+        await eventually(lambda: _now(command in device.commands), 5, f"{request_id} reached the device")
+
+    try:
+        async with connect(relay_url, additional_headers=b.headers(), max_size=None) as relay:
+            await command_arrives(relay, "before-the-move")
+            await device.close()
+            await device.connect(c)
+            await wait_online(b, device, c)
+            await command_arrives(relay, "after-the-move")
+            await command_arrives(relay, "and-again")
+    finally:
+        await device.close()
+
+
 # ---- a pod dies --------------------------------------------------------------------------------
 
 

@@ -162,6 +162,18 @@ async def test_a_newer_registration_of_the_slot_replaces_the_connected_device(sr
     assert (await closed_with(ws))[0] == 1008
 
 
+async def test_a_lease_replaced_while_its_device_was_away_is_refused(srv: Router) -> None:
+    """The router still holds the dropped device's link (grace window); a newer registration of the
+    slot must still win over it."""
+    device_id = str(uuid.uuid4())
+    first = await RawDevice.connect(srv.base_url, srv.key, device_id=device_id)
+    await first.close()
+    second = await register(srv.base_url, srv.key, device_id=device_id)
+    assert second["connectionId"] != first.connection_id
+    ws = await open_socket(device_url(first.ws_url, device_id, "d", channel="control"), srv.key)
+    assert (await closed_with(ws))[0] == 1008
+
+
 async def test_socket_close_turns_the_row_offline_and_a_reconnect_keeps_the_lease(srv: Router) -> None:
     dev = await RawDevice.connect(srv.base_url, srv.key)
     await wait_until(lambda: _online_row(srv, dev.device_id))

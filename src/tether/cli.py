@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import logging
 import signal
 import socket
@@ -112,6 +113,13 @@ def _given(**values: object) -> dict[str, object]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _tune_gc(thresholds: tuple[int, int, int]) -> None:
+    """Collect less often, and never rescan what the process built to start (modules, the app)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*thresholds)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -131,6 +139,7 @@ def serve(settings: Settings) -> int:
         SocketsFirst(create_app(settings)),
         host=settings.host,
         port=settings.port,
+        backlog=settings.listen_backlog,
         loop="uvloop",
         http="httptools",
         ws="websockets-sansio",
@@ -142,6 +151,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
     )
     server = _draining_server(config, settings.shutdown_drain_seconds)
+    _tune_gc(settings.gc_thresholds)
     # uvicorn handles SIGINT/SIGTERM itself, drains (below), then re-raises the signal.
     try:
         server.run()

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,12 +33,17 @@ CLOSE_SHUTDOWN = 1012
 # not relayed. Bounded: a device that never answers cannot grow it.
 INTERNAL_REQUESTS_PER_CONNECTION = 1024
 REQUEST_ROUTES_PER_CONNECTION = 10_000
+# A relay socket's writer sends what queued up while it waited in one write of at most this much.
+WRITE_BATCH_FRAMES = 128
+WRITE_BATCH_BYTES = 256 * 1024
 
 
 class Transport(Protocol):
     """The socket edge as the hub sees it."""
 
     async def send(self, text: str) -> None: ...
+    def send_now(self, text: str) -> bool: ...
+    async def send_many(self, texts: list[str]) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
 
 
@@ -58,6 +63,8 @@ class DeviceSocket:
         """Write one frame; False when the socket is gone or too many writes already wait on it."""
         if self.closed or self._waiting >= self.max_waiting:
             return False
+        if self._waiting == 0 and self.transport.send_now(text):
+            return True  # nothing queued ahead of it: written without a suspension
         self._waiting += 1
         try:
             async with self._lock:
@@ -91,7 +98,9 @@ class DeviceLink:
     reorder_timer: asyncio.TimerHandle | None = None
     replaced: bool = False
     presence_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    presence_written: bool = False  # what live state and the row last said: connected or not
+    presence_written: bool = False  # what live state last said: connected or not
+    row_connected: bool = False  # whether this pod last wrote the row as connected here
+    away_since: int | None = None  # when live state last heard the device went away
 
     @property
     def ready(self) -> bool:
@@ -164,13 +173,24 @@ class ClientSocket:
             await self._wake.wait()
             self._wake.clear()
             while self._queue and not self.closed and self.transport is not None:
-                text = self._queue.popleft()
-                self._queued_bytes -= len(text)
+                batch = self._take_batch()
                 try:
-                    await self.transport.send(text)
+                    await self.transport.send_many(batch)
                 except Exception:
                     self.closed = True
                     return
+
+    def _take_batch(self) -> list[str]:
+        """What is queued, up to WRITE_BATCH_FRAMES / WRITE_BATCH_BYTES: one write to the kernel."""
+        queue = self._queue
+        batch = [queue.popleft()]
+        size = len(batch[0])
+        while queue and len(batch) < WRITE_BATCH_FRAMES and size < WRITE_BATCH_BYTES:
+            text = queue.popleft()
+            batch.append(text)
+            size += len(text)
+        self._queued_bytes -= size
+        return batch
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -244,6 +264,14 @@ class Watch:
     losses: int = 0
     state: DeviceState | None = None  # None: no change seen since this pod started watching
     ownerless_since: int | None = None  # first sweep that found no pod holding the device
+    _owner: str | None = None  # the pod last found holding the device, trusted until _owner_until
+    _owner_until: int = 0
+
+    def cached_owner(self, now: int) -> str | None:
+        return self._owner if now < self._owner_until else None
+
+    def cache_owner(self, owner: str | None, until: int) -> None:
+        self._owner, self._owner_until = owner, until
 
     @property
     def device_away(self) -> bool:
@@ -341,7 +369,7 @@ class Hub:
             self.devices[connection_id] = link
         return link
 
-    async def apply(self, actions: list[object]) -> None:
+    async def apply(self, actions: Sequence[object]) -> None:
         """Carry out what the pairing machine decided (sends, then closes)."""
         for action in actions:
             if isinstance(action, Send):
@@ -403,6 +431,7 @@ class Hub:
         if event.frame is not None:
             watch.deliver(event.frame, event.gap_before)
         if event.state is not None:
+            watch.cache_owner(None, 0)  # the device moved or dropped: ask live state next time
             came_back = watch.device_away and event.state is DeviceState.ONLINE
             watch.state = event.state
             for listener in list(watch.listeners):

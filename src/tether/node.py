@@ -18,12 +18,12 @@ from tether.bus.base import Bus, DeviceEvent, DeviceState
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.hub import ClientSocket, DeviceLink, DeviceSocket, Hub, Transport, Watch
-from tether.livestate.base import LiveState
+from tether.livestate.base import LiveState, LiveStateUnavailable
 from tether.metrics import Counters
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync, status_fields
 from tether.protocol.history import History
-from tether.protocol.pairing import Channel, Hello, Lost, Ready
+from tether.protocol.pairing import Channel, Hello, Lost, Ready, Send
 from tether.protocol.presence import Liveness, is_online, is_silent, lease_expired
 from tether.store.base import (
     EnvironmentRow,
@@ -46,6 +46,13 @@ CLOSE_HEARTBEAT_TIMEOUT = 4004
 CLOSE_DRAIN = 1012
 # Presence rows are written in batches at most this far behind live state.
 PRESENCE_BATCH_SECONDS = 0.1
+# A device coming online waits at most this long for its row (the database may be slow or down:
+# live state, which reads trust, then goes first).
+PRESENCE_WAIT_SECONDS = 2.0
+# How long a watching pod trusts the owner it last looked up for a device held elsewhere. Any state
+# news for the device (away, online, offline) forgets it sooner, and a refused write makes the
+# next send ask again, so a moved device costs one extra lookup, never a lost command.
+OWNER_CACHE_MS = 5_000
 # Frames whose runtime tells which device runs a conversation (for teleport's source lookup).
 _RUNTIME_MARKERS = frozenset(
     {"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"}
@@ -66,19 +73,33 @@ class SendOutcome:
 
 
 class AuthCache:
-    """Verified keys for a short while, so the hot paths do not hit the database per request."""
+    """Verified keys for a short while, so the hot paths do not hit the database per request.
+
+    Concurrent misses for one key share one database read: when the entry expires in the middle of a
+    reconnect storm, thousands of handshakes carrying the same key would otherwise queue a query each
+    for the connection pool."""
 
     def __init__(self, store: Store, ttl_ms: float, max_entries: int = 10_000) -> None:
         self.store = store
         self.ttl_ms = ttl_ms
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._reading: dict[str, asyncio.Task[Principal | None]] = {}
 
     async def resolve(self, secret: str) -> Principal | None:
-        now = now_ms()
         hit = self._cache.get(secret)
-        if hit is not None and now - hit[0] < self.ttl_ms:
+        if hit is not None and now_ms() - hit[0] < self.ttl_ms:
             return hit[1]
+        reading = self._reading.get(secret)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_task(self._read(secret))
+            self._reading[secret] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(secret, None))
+        # Shielded: one waiter giving up (its socket closed) must not cancel the others' read.
+        return await asyncio.shield(reading)
+
+    async def _read(self, secret: str) -> Principal | None:
+        now = now_ms()
         principal = await self.store.authenticate(secret)
         if principal is None:
             return None  # not cached: a key created a moment later must work at once
@@ -111,6 +132,8 @@ class Node:
         self.counters = Counters()
         self._presence_pending: dict[str, PresenceChange] = {}
         self._presence_writer: asyncio.Task[None] | None = None
+        self._presence_waiters: list[asyncio.Future[None]] = []
+        self._announcing: set[asyncio.Task[None]] = set()
         self.teleports = Teleports(self)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -135,7 +158,7 @@ class Node:
         await self._flush_heartbeats()
         now = now_ms()
         for link in self.hub.devices.values():
-            if link.ready:
+            if link.ready or link.row_connected:
                 self._presence_pending[link.connection_id] = PresenceChange(
                     link.connection_id, self.pod_id, False, now
                 )
@@ -234,6 +257,7 @@ class Node:
         previous = result.previous_connection_id
         if previous is not None:
             # A newer registration took the slot: the old process must stop (device-protocol §4.2).
+            await self._revoke(previous)
             owner = (await self.live.lookup([previous])).get(previous)
             if owner is not None:
                 await self.bus.close_device(previous, owner.pod_id, CLOSE_REPLACED, REPLACED_REASON)
@@ -308,12 +332,20 @@ class Node:
             key=lambda r: (r["connectionId"] is not None, r["lastHeartbeat"] or 0, r["lastSeenAt"]),
         )
 
+    async def _revoke(self, connection_id: str) -> None:
+        """No pod may let this lease in again from memory (`open_lease` trusts known links)."""
+        link = self.hub.devices.get(connection_id)
+        if link is not None:
+            link.replaced = True
+        await self.live.revoke(connection_id)
+
     async def delete_environment(self, org_id: str, environment_id: str) -> bool:
         """Forget a row; a device still connected with its lease is told to re-register (1008)."""
         row = await self.store.delete_environment(org_id, environment_id)
         if row is None:
             return False
         if row.connection_id is not None:
+            await self._revoke(row.connection_id)
             owner = (await self.live.lookup([row.connection_id])).get(row.connection_id)
             if owner is not None:
                 await self.bus.close_device(
@@ -330,11 +362,28 @@ class Node:
         return live.pod_id
 
     async def send_to_device(self, connection_id: str, text: str) -> bool:
-        owner = await self.owner_of(connection_id)
-        if owner is None:
-            return False
+        """Write `text` to the device's control socket, wherever it is held; True once written.
+
+        The owner comes from this pod's own links first, then from the watch's cached answer, and
+        only then from live state (a Redis round trip in a cluster). A cached owner that no longer
+        holds the device refuses the write; the send then asks live state once more."""
         try:
             async with asyncio.timeout(self.settings.send_timeout_seconds):
+                link = self.hub.devices.get(connection_id)
+                if link is not None and link.ready:
+                    return await self.bus.send_to_device(connection_id, self.pod_id, text)
+                watch = self.hub.watches.get(connection_id)
+                cached = watch.cached_owner(now_ms()) if watch is not None else None
+                if cached is not None:
+                    if await self.bus.send_to_device(connection_id, cached, text):
+                        return True
+                    assert watch is not None
+                    watch.cache_owner(None, 0)
+                owner = await self.owner_of(connection_id)
+                if owner is None or owner == cached:
+                    return False
+                if watch is not None:
+                    watch.cache_owner(owner, now_ms() + OWNER_CACHE_MS)
                 return await self.bus.send_to_device(connection_id, owner, text)
         except TimeoutError:
             return False
@@ -368,14 +417,19 @@ class Node:
         if principal is None:
             raise LeaseRefused("invalid API key")
         link = self.hub.devices.get(connection_id)
-        if (
-            link is not None
-            and hello.channel is Channel.STREAM
-            and link.pairing.control is not None
-            and link.org_id == principal.org_id
-            and not link.replaced
-        ):
-            return link  # the lease was checked moments ago, for this pair's control socket
+        if link is not None and link.org_id == principal.org_id and not link.replaced:
+            if hello.channel is Channel.STREAM and link.pairing.control is not None:
+                return link  # the lease was checked moments ago, for this pair's control socket
+            # A link this pod still holds (connected, or dropped within the grace window) is the
+            # lease cache: a reconnect storm then costs no database read per device. Replacement and
+            # deletion mark local links at once and other pods' through live state.
+            try:
+                if not await self.live.revoked(connection_id):
+                    return link
+                link.replaced = True
+                raise LeaseRefused("unknown connection")
+            except LiveStateUnavailable:
+                pass  # decide from the row, as without a link
         row = await self.store.get_by_connection(connection_id)
         if row is None or row.org_id != principal.org_id or row.connection_id is None:
             raise LeaseRefused("unknown connection")
@@ -394,36 +448,65 @@ class Node:
         await self._pairing_actions(link, link.pairing.closed(sock))
 
     async def _pairing_actions(self, link: DeviceLink, actions: list[Any]) -> None:
-        await self.hub.apply(actions)
-        for action in actions:
-            if isinstance(action, Ready):
-                await self._device_ready(link)
-            elif isinstance(action, Lost):
-                await self._device_lost(link)
+        # When the pair becomes ready, the device hears listener_ready only once the row and live
+        # state say it is online: whatever it or anyone else does next (a message, a teleport, a
+        # listing) finds it online.
+        ready = any(isinstance(action, Ready) for action in actions)
+        greetings = [a for a in actions if isinstance(a, Send)] if ready else []
+        await self.hub.apply([a for a in actions if not (ready and isinstance(a, Send))])
+        if any(isinstance(action, Lost) for action in actions):
+            await self._device_lost(link)  # the pair this one replaced
+        if ready:
+            self._device_ready(link, greetings)
 
-    async def _device_ready(self, link: DeviceLink) -> None:
+    def _device_ready(self, link: DeviceLink, greetings: list[Send[DeviceSocket]]) -> None:
         now = now_ms()
         link.last_heartbeat = now
         self.counters.device_connects += 1
         if link.away_timer is not None:
             link.away_timer.cancel()
             link.away_timer = None
+        # In its own task: the socket whose opening made the pair ready must start reading at once
+        # (its frames are already in flight), not after the row and live state are written.
+        task = asyncio.get_running_loop().create_task(self._announce_online(link, greetings))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_online(self, link: DeviceLink, greetings: list[Send[DeviceSocket]]) -> None:
         await self._sync_presence(link)
+        await self.hub.apply(greetings)
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.ONLINE))
         log.info("device %s (%s) online", link.connection_id, link.connection_name)
 
     async def _sync_presence(self, link: DeviceLink) -> None:
-        """Make live state and the row say what the link is now, one writer per link.
+        """Make live state (and the row, see below) say what the link is now, one writer per link.
 
         A quick reconnect makes a disconnect and a connect overlap; writing the current state under
-        a lock, until what was written matches it, keeps the last word with the latest event."""
+        a lock, until what was written matches it, keeps the last word with the latest event.
+
+        The row hears of a disconnect only when the device is declared offline (or replaced, or the
+        pod drains): a device back within the grace window finds its row still saying "connected
+        here", so a reconnect storm writes no rows at all. Reads never trust the row's claim alone:
+        they overlay live state, which is updated at once."""
         async with link.presence_lock:
             while link.presence_written is not link.ready:
                 connected = link.ready
                 now = now_ms()
                 if connected:
+                    if not link.row_connected:
+                        # The row first, then live state: whoever sees the device online (in live
+                        # state) also finds its row among the onlineOnly candidates.
+                        link.row_connected = True
+                        written = self._queue_presence(
+                            PresenceChange(link.connection_id, self.pod_id, True, now)
+                        )
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(written), PRESENCE_WAIT_SECONDS)
                     previous = (await self.live.lookup([link.connection_id])).get(link.connection_id)
                     await self.live.device_connected(link.connection_id, self.pod_id, now)
+                    if await self._revoked_meanwhile(link):
+                        # Re-registered while connecting: the registration found no owner to tell.
+                        await self.hub.close_device(link.connection_id, CLOSE_REPLACED, REPLACED_REASON)
                     if previous is not None and previous.pod_id != self.pod_id:
                         # Back through another pod, which may still hold a half-open socket.
                         await self.bus.close_device(
@@ -431,27 +514,52 @@ class Node:
                         )
                 else:
                     await self.live.device_disconnected(link.connection_id, self.pod_id)
-                self._queue_presence(PresenceChange(link.connection_id, self.pod_id, connected, now))
+                    link.away_since = now
+                    if self.draining or link.replaced:
+                        self._row_disconnected(link)
                 link.presence_written = connected
 
-    def _queue_presence(self, change: PresenceChange) -> None:
-        """Rows follow live state in batches: a reconnect storm becomes a few transactions, not
-        thousands queueing for the database while sockets wait. Reads overlay live state anyway."""
+    async def _revoked_meanwhile(self, link: DeviceLink) -> bool:
+        if link.replaced:
+            return True
+        try:
+            return await self.live.revoked(link.connection_id)
+        except LiveStateUnavailable:
+            return False  # decided again at the next connect; a registration closes it if live
+
+    def _row_disconnected(self, link: DeviceLink) -> None:
+        if link.row_connected and link.away_since is not None:
+            self._queue_presence(PresenceChange(link.connection_id, self.pod_id, False, link.away_since))
+            link.row_connected = False
+
+    def _queue_presence(self, change: PresenceChange) -> asyncio.Future[None]:
+        """Rows are written in batches: a storm of connects becomes a few transactions, not
+        thousands queueing for the database while sockets wait. Resolves once the row is written."""
+        loop = asyncio.get_running_loop()
         self._presence_pending[change.connection_id] = change
+        written = loop.create_future()
+        self._presence_waiters.append(written)
         if self._presence_writer is None or self._presence_writer.done():
-            self._presence_writer = asyncio.get_running_loop().create_task(self._write_presence())
+            self._presence_writer = loop.create_task(self._write_presence())
+        return written
 
     async def _write_presence(self) -> None:
         while self._presence_pending:
             await asyncio.sleep(PRESENCE_BATCH_SECONDS)
             batch, self._presence_pending = self._presence_pending, {}
+            waiters, self._presence_waiters = self._presence_waiters, []
             try:
                 await self.store.write_presence(list(batch.values()))
             except Exception as exc:
                 log.warning("presence write of %d rows failed, retrying: %r", len(batch), exc)
                 for conn, change in batch.items():
                     self._presence_pending.setdefault(conn, change)
+                self._presence_waiters[:0] = waiters
                 await asyncio.sleep(1.0)
+                continue
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _device_lost(self, link: DeviceLink) -> None:
         self.hub.flush_reorder(link)
@@ -499,6 +607,7 @@ class Node:
         if self.hub.devices.get(link.connection_id) is link:
             del self.hub.devices[link.connection_id]
             self._status_written.pop(link.connection_id, None)
+        self._row_disconnected(link)
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.OFFLINE))
         log.info("device %s (%s) offline", link.connection_id, link.connection_name)
 

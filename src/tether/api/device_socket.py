@@ -61,7 +61,9 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
     except LeaseRefused as refused:
         await ws.close(CLOSE_LEASE_UNKNOWN, refused.reason)
         return
-    sock = DeviceSocket(WsTransport(ws), node.settings.device_queue_frames)
+    transport = WsTransport(ws)
+    transport.release_handshake()
+    sock = DeviceSocket(transport, node.settings.device_queue_frames)
     await node.device_opened(link, sock, hello)
     malformed = 0
     try:

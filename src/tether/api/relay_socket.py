@@ -65,13 +65,13 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
         socket_id = uuid.uuid4().hex
     # Join the feed before the upgrade completes, so nothing sent after the client sees the socket
     # open is missed; the writer starts once the socket is accepted.
-    sock = await node.relay_opened(
-        principal, connection_id, WsTransport(ws), scope, channel, resume, socket_id
-    )
+    transport = WsTransport(ws)
+    sock = await node.relay_opened(principal, connection_id, transport, scope, channel, resume, socket_id)
     bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
     close_code = 1006
     try:
         await ws.accept(headers=[(SOCKET_ID_HEADER, socket_id.encode())])
+        transport.release_handshake()
         sock.start()
         while True:
             message = await ws.receive()

@@ -43,6 +43,12 @@ class MemoryLiveState:
     async def lookup(self, connection_ids: Iterable[str]) -> dict[str, Liveness]:
         return {c: self._live[c] for c in connection_ids if c in self._live}
 
+    async def revoke(self, connection_id: str) -> None:
+        """Nothing to tell: this pod is the only one, and it marks its own links."""
+
+    async def revoked(self, connection_id: str) -> bool:
+        return False
+
     async def live_pods(self) -> set[str]:
         return {self.pod_id}
 

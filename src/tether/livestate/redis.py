@@ -116,6 +116,9 @@ class RedisKeys:
     def claim(self, key: str) -> str:
         return f"{self.prefix}claim:{key}"
 
+    def revoked(self, connection_id: str) -> str:
+        return f"{self.prefix}revoked:{connection_id}"
+
     def runtime(self, org_id: str, agent_id: str, conversation_id: str) -> str:
         return f"{self.prefix}runtime:{org_id}:{agent_id}:{conversation_id}"
 
@@ -192,6 +195,7 @@ class RedisLiveState:
         self.pod_ttl_ms = int(settings.pod_ttl_seconds * 1000)
         self.dedupe_ms = int(settings.dedupe_seconds * 1000)
         self.lease_ttl_ms = int((settings.offline_after_seconds + LEASE_TTL_MARGIN_SECONDS) * 1000)
+        self.revoked_ttl_ms = int(settings.lease_ttl_seconds * 1000)
         # Other pods are listed at least this often, so a Redis restart finds them in `_seen_pods`.
         self.refresh_seconds = settings.pod_ttl_seconds / 3
         # Leases held by this pod: the source of truth for re-publishing after a Redis restart.
@@ -336,6 +340,24 @@ class RedisLiveState:
         self._pods = pods
         self._pods_at = time.monotonic()
         return pods
+
+    async def revoke(self, connection_id: str) -> None:
+        # Kept for the lease TTL: a pod trusts a link in memory only while its lease is that fresh.
+        try:
+            await self.redis.set(self.keys.revoked(connection_id), "1", px=self.revoked_ttl_ms)
+            self._ok()
+        except (RedisError, OSError) as exc:
+            self._failed("revoke", exc)
+            raise LiveStateUnavailable(f"Redis unavailable: {exc!r}") from exc
+
+    async def revoked(self, connection_id: str) -> bool:
+        try:
+            found = await self.redis.exists(self.keys.revoked(connection_id))
+            self._ok()
+        except (RedisError, OSError) as exc:
+            self._failed("revoked", exc)
+            raise LiveStateUnavailable(f"Redis unavailable: {exc!r}") from exc
+        return bool(found)
 
     # ---- dedupe and teleport bookkeeping -------------------------------------------------
 
