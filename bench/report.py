@@ -53,6 +53,9 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        # Caps the router's listen backlog (TETHER_LISTEN_BACKLOG): decides whether a storm's
+        # connects queue or are dropped and retried.
+        "somaxconn": int(Path("/proc/sys/net/core/somaxconn").read_text()),
         "sqlite": sqlite3.sqlite_version,
         "packages": versions,
     }
@@ -149,7 +152,8 @@ def _markdown(
         "",
         f"- **Date**: {started_at.strftime('%Y-%m-%d %H:%M UTC')} (the run took {elapsed / 60:.1f} min)",
         f"- **Machine**: {info['nproc']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB memory, "
-        f"open-file limit {info['open_files_limit']}, Linux {info['kernel']}",
+        f"open-file limit {info['open_files_limit']}, net.core.somaxconn {info.get('somaxconn', '?')}, "
+        f"Linux {info['kernel']}",
         f"- **Code**: commit {info['git']} (state at the end of the run)",
         f"- **Software**: Python {info['python']}, SQLite {info['sqlite']}, "
         + ", ".join(f"{k} {v}" for k, v in info["packages"].items()),

@@ -42,7 +42,7 @@ class Transport(Protocol):
     """The socket edge as the hub sees it."""
 
     async def send(self, text: str) -> None: ...
-    def send_now(self, text: str) -> bool: ...
+    def send_now(self, texts: list[str]) -> bool: ...
     async def send_many(self, texts: list[str]) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -63,8 +63,8 @@ class DeviceSocket:
         """Write one frame; False when the socket is gone or too many writes already wait on it."""
         if self.closed or self._waiting >= self.max_waiting:
             return False
-        if self._waiting == 0 and self.transport.send_now(text):
-            return True  # nothing queued ahead of it: written without a suspension
+        if self.send_nowait(text):
+            return True
         self._waiting += 1
         try:
             async with self._lock:
@@ -74,6 +74,10 @@ class DeviceSocket:
         finally:
             self._waiting -= 1
         return True
+
+    def send_nowait(self, text: str) -> bool:
+        """Write one frame at once if nothing is queued ahead of it and the socket takes it."""
+        return not self.closed and self._waiting == 0 and self.transport.send_now([text])
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -137,12 +141,16 @@ class ClientSocket:
         self.detached_at: int | None = None
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._started = False
+        self._flush_scheduled = False
+        self._gathered = False
+        self._waiting: asyncio.Task[None] | None = None  # a write waiting for the socket's buffer
         self.on_overflow: Callable[[ClientSocket], None] | None = None
 
     def start(self) -> None:
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        """The socket is accepted: from now on what is queued goes out."""
+        self._started = True
+        self._schedule()
 
     def deliver(self, text: str) -> None:
         """Number a relayed frame for this socket and queue it (or only record it while detached)."""
@@ -162,23 +170,46 @@ class ClientSocket:
             if self.on_overflow is not None:
                 self.on_overflow(self)
             return
-        self._wake.set()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        # At the end of this turn of the loop, not at once: the frames of one device read go out
+        # in one write; and without a task switch, a lone answer goes out as soon as possible.
+        if self._started and not self._flush_scheduled and self._waiting is None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if len(self._queue) > 1 and not self._gathered:
+            # A burst is arriving (a stream of deltas): one more turn of the loop gathers more of it
+            # into the same write. A lone frame (an answer) goes out now.
+            self._gathered = True
+            self._schedule()
+            return
+        self._gathered = False
+        while self._queue and not self.closed and self.transport is not None and self._waiting is None:
+            batch = self._take_batch()
+            if not self.transport.send_now(batch):
+                # The socket's buffer is full (or this transport only writes by awaiting): a task
+                # waits for it and writes this batch and the rest, in order.
+                self._waiting = asyncio.get_running_loop().create_task(self._write_waiting(batch))
+
+    async def _write_waiting(self, batch: list[str]) -> None:
+        try:
+            while self.transport is not None and not self.closed:
+                await self.transport.send_many(batch)
+                if not self._queue:
+                    break
+                batch = self._take_batch()
+        except Exception:
+            self.closed = True
+        finally:
+            self._waiting = None
 
     @property
     def queued(self) -> int:
         return len(self._queue)
-
-    async def _write_loop(self) -> None:
-        while not self.closed:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue and not self.closed and self.transport is not None:
-                batch = self._take_batch()
-                try:
-                    await self.transport.send_many(batch)
-                except Exception:
-                    self.closed = True
-                    return
 
     def _take_batch(self) -> list[str]:
         """What is queued, up to WRITE_BATCH_FRAMES / WRITE_BATCH_BYTES: one write to the kernel."""
@@ -196,7 +227,6 @@ class ClientSocket:
         if self.closed:
             return
         self.closed = True
-        self._wake.set()
         self._queue.clear()
         transport, self.transport = self.transport, None
         if transport is not None:
@@ -209,8 +239,8 @@ class ClientSocket:
         self.detached_at = at_ms
         self._queue.clear()
         self._queued_bytes = 0
-        if self._writer is not None:
-            self._writer.cancel()
+        self._started = False  # a resumed socket starts again once accepted
+        self.stop_writer()
 
     def attach(self, transport: Transport, replay: list[str]) -> None:
         self.transport = transport
@@ -220,8 +250,9 @@ class ClientSocket:
             self.push(text)
 
     def stop_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
 
 
 class FrameListener(Protocol):
@@ -423,6 +454,12 @@ class Hub:
         if link is None or not link.ready or link.pairing.control is None:
             return False
         return await link.pairing.control.send(text)
+
+    def write_to_device_now(self, connection_id: str, text: str) -> bool:
+        """`write_to_device` without awaiting, for a device held here whose socket takes it at once."""
+        link = self.devices.get(connection_id)
+        control = link.pairing.control if link is not None and link.ready else None
+        return control is not None and control.send_nowait(text)
 
     def on_device_event(self, connection_id: str, event: DeviceEvent) -> None:
         watch = self.watches.get(connection_id)

@@ -367,6 +367,8 @@ class Node:
         The owner comes from this pod's own links first, then from the watch's cached answer, and
         only then from live state (a Redis round trip in a cluster). A cached owner that no longer
         holds the device refuses the write; the send then asks live state once more."""
+        if self.hub.write_to_device_now(connection_id, text):
+            return True  # held here and written at once: the common case, without a timer
         try:
             async with asyncio.timeout(self.settings.send_timeout_seconds):
                 link = self.hub.devices.get(connection_id)

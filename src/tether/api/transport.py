@@ -42,14 +42,15 @@ class WsTransport:
     async def send(self, text: str) -> None:
         await self.ws.send({"type": "websocket.send", "text": text})
 
-    def send_now(self, text: str) -> bool:
-        """Write one frame without awaiting, when the socket takes it at once; False otherwise
-        (the caller then awaits `send`). Saves the ASGI round of coroutines on every pong."""
+    def send_now(self, texts: list[str]) -> bool:
+        """Write frames in one write without awaiting, when the socket takes them at once; False
+        otherwise (nothing written: the caller then awaits `send_many`). Saves the ASGI round of
+        coroutines and a task switch on every pong and every relayed answer."""
         protocol = self._protocol
         if protocol is None or not protocol.writable.is_set() or not self._open(protocol):
             return False
         try:
-            self._write(protocol, [text])
+            self._write(protocol, texts)
         except InvalidState:
             return False
         return True
