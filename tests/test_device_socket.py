@@ -222,6 +222,10 @@ async def test_update_device_status_updates_the_row(srv: Router) -> None:
     row = await wait_until(lambda: _row_where(srv, dev.device_id, "currentMode", None))
     assert row["metadata"]["permissionMode"] == "strict"
     srv.sdk().environments.retrieve(dev.device_id)  # parses under strict validation
+    # Back to the first status: equal to one written before, but not to the last one, so written.
+    await dev.emit("update_device_status", runtime, device_status=status)
+    row = await wait_until(lambda: _row_where(srv, dev.device_id, "currentMode", "acceptEdits"))
+    assert "permissionMode" not in row["metadata"] or row["metadata"]["permissionMode"] == "acceptEdits"
     await dev.close()
 
 

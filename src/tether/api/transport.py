@@ -34,10 +34,16 @@ class WsTransport:
         """
         protocol = self._protocol
         if protocol is not None and protocol.handshake_complete:
+            request = protocol.request
+            if request is not None:
+                # websockets' parser keeps the request object until the socket closes (a local of
+                # its generator); its headers need not stay with it.
+                request.headers.clear()
             protocol.request = None  # type: ignore[assignment]
             protocol.response = None  # type: ignore[assignment]
         self.ws.scope["headers"] = []
-        self.ws.__dict__.pop("_headers", None)
+        for cached in ("_headers", "_query_params"):
+            self.ws.__dict__.pop(cached, None)
 
     async def send(self, text: str) -> None:
         await self.ws.send({"type": "websocket.send", "text": text})
