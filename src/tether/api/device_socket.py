@@ -8,7 +8,7 @@ from fastapi import APIRouter, WebSocket
 
 from tether.api.auth import bearer
 from tether.api.transport import WsTransport
-from tether.hub import DeviceSocket
+from tether.hub import DeviceLink, DeviceSocket
 from tether.node import CLOSE_DRAIN, CLOSE_LEASE_UNKNOWN, LeaseRefused, Node
 from tether.protocol.frames import FrameError, decode
 from tether.protocol.pairing import Channel, Hello
@@ -41,6 +41,34 @@ def _hello(params: dict[str, str]) -> Hello | None:
     return Hello(channel, generation, attempt)
 
 
+async def _receive(ws: WebSocket, node: Node, link: DeviceLink, sock: DeviceSocket) -> bool:
+    """Take and handle one message; False once the socket is gone. A function of its own so that
+    nothing of a frame outlives its handling: the socket's loop then waits (for hours, between
+    pings) holding no frame; the last status frame was about 3 KiB of every idle device's memory."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        return False
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes")
+    if data is None or sock.closed:
+        return True
+    if data == PING:
+        # Most of a device's traffic: answered without parsing (devices send exactly this).
+        await node.device_ping(link, sock)
+        return True
+    try:
+        frame = decode(data)
+    except FrameError as exc:
+        node.counters.device_malformed_frames += 1
+        dropped = node.counters.device_malformed_frames
+        if dropped <= 3 or dropped % 100 == 0:
+            log.warning("dropped malformed frame #%d (device %s): %s", dropped, link.connection_id, exc)
+        return True
+    await node.device_frame(link, sock, frame)
+    return True
+
+
 @router.websocket("/v1/environments/ws/{connection_id}")
 async def device_socket(ws: WebSocket, connection_id: str) -> None:
     node: Node = ws.app.state.node
@@ -65,31 +93,8 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
     transport.release_handshake()
     sock = DeviceSocket(transport, node.settings.device_queue_frames)
     await node.device_opened(link, sock, hello)
-    malformed = 0
     try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes")
-            if data is None or sock.closed:
-                continue
-            if data == PING:
-                # Most of a device's traffic: answered without parsing (devices send exactly this).
-                await node.device_ping(link, sock)
-                continue
-            try:
-                frame = decode(data)
-            except FrameError as exc:
-                malformed += 1
-                node.counters.device_malformed_frames += 1
-                if malformed <= 3 or malformed % 100 == 0:
-                    log.warning(
-                        "dropped malformed frame #%d from device %s: %s", malformed, connection_id, exc
-                    )
-                continue
-            await node.device_frame(link, sock, frame)
+        while await _receive(ws, node, link, sock):
+            pass
     finally:
         await node.device_closed(link, sock)
