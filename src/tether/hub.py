@@ -33,7 +33,7 @@ CLOSE_SHUTDOWN = 1012
 # not relayed. Bounded: a device that never answers cannot grow it.
 INTERNAL_REQUESTS_PER_CONNECTION = 1024
 REQUEST_ROUTES_PER_CONNECTION = 10_000
-# A relay socket's writer sends what queued up while it waited in one write of at most this much.
+# A relay socket writes what queued up during one turn of the loop in writes of at most this much.
 WRITE_BATCH_FRAMES = 128
 WRITE_BATCH_BYTES = 256 * 1024
 

@@ -64,7 +64,7 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     else:
         socket_id = uuid.uuid4().hex
     # Join the feed before the upgrade completes, so nothing sent after the client sees the socket
-    # open is missed; the writer starts once the socket is accepted.
+    # open is missed; writes start once the socket is accepted.
     transport = WsTransport(ws)
     sock = await node.relay_opened(principal, connection_id, transport, scope, channel, resume, socket_id)
     bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
