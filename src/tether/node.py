@@ -482,6 +482,8 @@ class Node:
     async def _announce_online(self, link: DeviceLink, greetings: list[Send[DeviceSocket]]) -> None:
         await self._sync_presence(link)
         await self.hub.apply(greetings)
+        if not link.ready:
+            return  # gone again while this ran: its loss publishes AWAY, and must stay the last word
         self.hub.publish(link.connection_id, DeviceEvent(state=DeviceState.ONLINE))
         log.info("device %s (%s) online", link.connection_id, link.connection_name)
 
