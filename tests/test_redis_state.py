@@ -46,8 +46,17 @@ class Devices:
     written: list[tuple[str, str]] = field(default_factory=list)
     closed: list[tuple[str, int, str]] = field(default_factory=list)
     events: list[tuple[str, DeviceEvent]] = field(default_factory=list)
+    # Whether a socket takes a write in the same turn of the loop (else the bus awaits the write).
+    at_once: bool = True
+
+    def write_to_device_now(self, connection_id: str, text: str) -> bool:
+        return self.at_once and self._write(connection_id, text)
 
     async def write_to_device(self, connection_id: str, text: str) -> bool:
+        await asyncio.sleep(0)  # a socket that had to wait for its turn
+        return self._write(connection_id, text)
+
+    def _write(self, connection_id: str, text: str) -> bool:
         if connection_id not in self.connected:
             return False
         self.written.append((connection_id, text))
@@ -236,9 +245,13 @@ async def test_state_lost_by_redis_is_republished_by_its_owner(cluster: Cluster)
 # ---- bus --------------------------------------------------------------------------------------
 
 
-async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(cluster: Cluster) -> None:
+@pytest.mark.parametrize("at_once", [True, False], ids=["socket-takes-it", "socket-busy"])
+async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(
+    cluster: Cluster, at_once: bool
+) -> None:
     a = await cluster.pod("a")
     b = await cluster.pod("b")
+    a.devices.at_once = at_once
     a.devices.connected.add("conn-1")
     assert b.bus.healthy
 
@@ -252,9 +265,13 @@ async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(
     assert b.devices.written == []
 
 
-async def test_commands_keep_their_order_and_concurrent_ones_arrive_once(cluster: Cluster) -> None:
+@pytest.mark.parametrize("at_once", [True, False], ids=["socket-takes-it", "socket-busy"])
+async def test_commands_keep_their_order_and_concurrent_ones_arrive_once(
+    cluster: Cluster, at_once: bool
+) -> None:
     a = await cluster.pod("a")
     b = await cluster.pod("b")
+    a.devices.at_once = at_once
     a.devices.connected.add("conn-1")
     # A relay socket sends its commands one after the other: they arrive in that order.
     texts = [f'{{"type":"message","n":{i}}}' for i in range(100)]
@@ -306,6 +323,29 @@ async def test_watching_pod_receives_device_events_in_order(cluster: Cluster) ->
     assert a.devices.events == []  # the publisher's own watchers are served by its hub, not the bus
 
 
+async def test_each_pod_gets_the_events_of_every_device_it_watches_but_not_its_own(cluster: Cluster) -> None:
+    a = await cluster.pod("a")
+    b = await cluster.pod("b")
+    c = await cluster.pod("c")
+    for pod in (a, b):
+        await pod.bus.watch("conn-on-a")
+        await pod.bus.watch("conn-on-c")
+    await b.bus.watch("conn-unwatched-later")
+    await b.bus.unwatch("conn-unwatched-later")
+    a.bus.publish("conn-on-a", DeviceEvent(frame=decode('{"type":"from-a"}')))
+    c.bus.publish("conn-on-c", DeviceEvent(frame=decode('{"type":"from-c"}')))
+    c.bus.publish("conn-unwatched-later", DeviceEvent(frame=decode('{"type":"nobody"}')))
+
+    def types(pod: Pod) -> list[tuple[str, str]]:
+        return sorted((cid, e.frame.type) for cid, e in pod.devices.events if e.frame is not None)
+
+    await eventually(lambda: _true(len(b.devices.events) == 2 and len(a.devices.events) == 1), 5, "events")
+    await asyncio.sleep(0.3)  # nothing more arrives
+    assert types(b) == [("conn-on-a", "from-a"), ("conn-on-c", "from-c")]
+    assert types(a) == [("conn-on-c", "from-c")]  # its own event went to its hub only
+    assert c.devices.events == []
+
+
 async def test_events_are_not_written_for_connections_no_other_pod_watches(cluster: Cluster) -> None:
     a = await cluster.pod("a")
     await a.bus.watch("conn-1")  # watched only by the pod that publishes
@@ -314,7 +354,8 @@ async def test_events_are_not_written_for_connections_no_other_pod_watches(clust
     await asyncio.sleep(0.5)
     client = Redis.from_url(cluster.redis_url)
     try:
-        assert await client.exists(a.bus.keys.events("conn-1"), a.bus.keys.events("conn-2")) == 0
+        assert await client.exists(a.bus.keys.pod_events("a")) == 0
+        assert [key async for key in client.scan_iter(f"{cluster.prefix}*events*")] == []
     finally:
         await client.aclose()
 

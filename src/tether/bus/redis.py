@@ -7,13 +7,14 @@ Two kinds of stream (key names in `tether.livestate.redis.RedisKeys`):
   request carries a correlation id, the requester's pod id and a deadline; the owner answers with a
   boolean in the requester's inbox. A request past its deadline is not carried out, so a sender that
   gave up (and told its client "not delivered") is never contradicted later.
-* `conn:{connectionId}:events`, one per watched connection: the device's frames and state changes,
-  written by the pod holding the device only while another pod is in `conn:{id}:watchers` (a sorted
-  set of pod ids scored by expiry). Every pod reads all the streams it watches with one blocking
-  XREAD and keeps the last id it saw, so a short gap (a Redis blip, a busy loop) loses nothing the
-  stream still holds. Each event carries its publisher's per-connection counter, so a reader that
-  missed entries (stream trimmed, Redis restarted, publish queue overflowed) flags the next frame
-  `gap_before`, and clients resync.
+* `pod:{pod}:events`, one per pod: the frames and state changes of the devices this pod watches
+  (a client of it has a relay socket to them), written by the pod holding each device for every
+  other pod in `conn:{id}:watchers` (a sorted set of pod ids scored by expiry). A pod reads only its
+  own stream, with one blocking XREAD, and keeps the last id it saw, so a short gap (a Redis blip, a
+  busy loop) loses nothing the stream still holds. Nothing is written for a device no other pod
+  watches, and no pod reads back what it published itself. Each event carries its publisher's
+  per-connection counter, so a reader that missed entries (stream trimmed, Redis restarted, publish
+  queue overflowed) flags the next frame `gap_before`, and clients resync.
 
 Streams rather than pub/sub: a pub/sub message sent while the subscriber reconnects is gone.
 """
@@ -32,11 +33,14 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tether.bus.base import BoundBus, DeviceEvent, DeviceState
+from tether.bus.resp import RespConnection, script_sha
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.livestate.redis import (
     BACKOFF_MAX_SECONDS,
     BACKOFF_MIN_SECONDS,
+    COMMAND_TIMEOUT_SECONDS,
+    CONNECT_TIMEOUT_SECONDS,
     KEY_PREFIX,
     PIPELINE_CHUNK,
     RedisKeys,
@@ -53,18 +57,17 @@ log = logging.getLogger("tether.bus.redis")
 INBOX_MAXLEN = 10_000
 # An inbox nobody writes to for this long disappears (its pod is gone).
 INBOX_TTL_SECONDS = 300.0
-# XREAD BLOCK of the inbox consumer and of the event reader; also bounds how long a newly watched
-# connection could wait if a wake-up were lost, and how fast `healthy` notices a stuck loop.
+# XREAD BLOCK of the inbox consumer and of the event reader; also bounds how fast `healthy` notices
+# a stuck loop.
 READ_BLOCK_MS = 2000
 # The first XREAD after a failure blocks only this long, so readiness returns as soon as Redis does.
 RECOVERY_BLOCK_MS = 50
 # Entries taken per stream per XREAD.
 READ_COUNT = 500
-# Each connection's event stream keeps about this many entries (MAXLEN ~): enough to bridge a
-# watching pod's reconnect while a device streams fast. Memory per watched connection is about
-# this many frames; streams of unwatched connections are not written at all.
-EVENT_STREAM_MAXLEN = 2_000
-# An event stream nobody publishes to for this long disappears.
+# A pod's event stream keeps about this many entries (MAXLEN ~): enough to bridge its reader's
+# reconnect while the devices it watches stream fast. Memory per pod is about this many frames.
+EVENT_STREAM_MAXLEN = 10_000
+# An event stream nobody publishes to for this long disappears (its pod is gone or watches nothing).
 EVENT_STREAM_TTL_SECONDS = 60.0
 # A watching pod re-registers its watches this often; an entry expires after WATCH_TTL_SECONDS
 # (so a dead pod stops costing stream writes within that).
@@ -79,8 +82,6 @@ WATCHERS_CACHE_MAX = 100_000
 PUBLISH_QUEUE_MAX = 100_000
 # Events per pipeline round trip.
 PUBLISH_BATCH = 1000
-# A pod's wake-up stream (tells its event reader to restart XREAD with a new set of streams).
-WAKE_MAXLEN = 100
 # Asking another pod to close a device's sockets waits at most this long for its answer.
 CLOSE_TIMEOUT_SECONDS = 2.0
 # A request's deadline is this much before the requester gives up, so a frame written just before
@@ -100,15 +101,19 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV,
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return id
 """
+_REQUEST_SHA = script_sha(_REQUEST)
 
 
-def _entries(response: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
-    """XREAD's answer as (stream, entries) pairs, whichever protocol version replied."""
+def _entries(response: Any) -> list[tuple[str, dict[str, str]]]:
+    """XREAD's raw RESP2 answer for one stream as (entry id, fields) pairs."""
     if not response:
         return []
-    if isinstance(response, dict):
-        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in response.items()]
-    return [(stream, entries) for stream, entries in response]
+    _, entries = response[0]
+    return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in entries]
+
+
+def _xadd(stream: str, maxlen: int, fields: dict[str, str]) -> tuple[str | int, ...]:
+    return ("XADD", stream, "MAXLEN", "~", maxlen, "*", *(x for kv in fields.items() for x in kv))
 
 
 class _Loop:
@@ -139,15 +144,26 @@ class RedisBus(BoundBus):
         self.pod_id = settings.pod_id
         self.keys = RedisKeys(prefix)
         self.redis = connect_redis(settings.redis_url)
+        # The hot path (requests, replies, events) goes through lean connections (`bus.resp`): one
+        # shared by every write, one per blocking reader.
+        self._writes = RespConnection(
+            settings.redis_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, stall_timeout=COMMAND_TIMEOUT_SECONDS
+        )
+        read_stall = READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT_SECONDS
+        self._inbox_reads = RespConnection(
+            settings.redis_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, stall_timeout=read_stall
+        )
+        self._event_reads = RespConnection(
+            settings.redis_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, stall_timeout=read_stall
+        )
         self.send_timeout = settings.send_timeout_seconds
-        self._request = self.redis.register_script(_REQUEST)
         self._replies: dict[str, asyncio.Future[bool]] = {}
         self._inbox = _Loop()
         self._events = _Loop()
         self._inbox_last = "0-0"
-        self._wake_last = "0-0"
-        # Watched connections -> last stream id read (None: not registered in Redis yet).
-        self._watched: dict[str, str | None] = {}
+        self._events_last = "0-0"
+        # Watched connections -> whether this pod is registered in their watchers set yet.
+        self._watched: dict[str, bool] = {}
         self._seen: dict[str, tuple[str, int]] = {}  # connection -> (publisher pod, its counter)
         self._gap_pending: set[str] = set()
         # Publishing side.
@@ -166,7 +182,7 @@ class RedisBus(BoundBus):
         await wait_for_redis(self.redis, f"bus of pod {self.pod_id}")
         # Start after whatever the streams hold: entries there are for an earlier process.
         self._inbox_last = await self._last_id(self.keys.inbox(self.pod_id))
-        self._wake_last = await self._last_id(self.keys.wake(self.pod_id))
+        self._events_last = await self._last_id(self.keys.pod_events(self.pod_id))
         # Redis just answered: healthy from now on, as long as the loops' reads keep returning.
         self._inbox.ok()
         self._events.ok()
@@ -195,6 +211,8 @@ class RedisBus(BoundBus):
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("could not withdraw pod %s's watches on shutdown: %r", self.pod_id, exc)
+        for connection in (self._writes, self._inbox_reads, self._event_reads):
+            connection.close()
         await self.redis.aclose()
 
     @property
@@ -223,14 +241,13 @@ class RedisBus(BoundBus):
         # The owner starts no write after this: its answer must still find us waiting.
         deadline = now_ms() + int(max(wait_s / 2, wait_s - DEADLINE_MARGIN_SECONDS) * 1000)
         fields = {**request, "id": correlation, "from": self.pod_id, "dl": str(deadline)}
-        args: list[Any] = [INBOX_MAXLEN, int(INBOX_TTL_SECONDS * 1000)]
+        args: list[str | int] = [INBOX_MAXLEN, int(INBOX_TTL_SECONDS * 1000)]
         for name, value in fields.items():
             args += [name, value]
         what = f"{request['k']} for {request['cid']}"
         try:
             async with asyncio.timeout(wait_s):
-                keys = [self.keys.pod(owner_pod), self.keys.inbox(owner_pod)]
-                if await self._request(keys=keys, args=args) is None:
+                if await self._put_request(owner_pod, args) is None:
                     log.info("%s not sent: pod %s is not alive", what, owner_pod)
                     return False
                 return await future
@@ -243,15 +260,22 @@ class RedisBus(BoundBus):
         finally:
             self._replies.pop(correlation, None)
 
+    async def _put_request(self, owner_pod: str, args: list[str | int]) -> str | None:
+        """Append a request to the owner's inbox; None when that pod is not alive."""
+        keys = [self.keys.pod(owner_pod), self.keys.inbox(owner_pod)]
+        answer: str | None = await self._writes.script(_REQUEST_SHA, _REQUEST, keys, args)
+        return answer
+
     async def _inbox_loop(self) -> None:
         inbox = self.keys.inbox(self.pod_id)
         delay = BACKOFF_MIN_SECONDS
         while True:
             try:
-                streams = {inbox: self._inbox_last}
                 # Right after an outage, return quickly: readiness waits for this read to come back.
                 block = READ_BLOCK_MS if self._inbox.up else RECOVERY_BLOCK_MS
-                response = await self.redis.xread(streams, count=READ_COUNT, block=block)  # type: ignore[arg-type]
+                response = await self._inbox_reads.call(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS", inbox, self._inbox_last
+                )
             except (RedisError, OSError) as exc:
                 if self._inbox.up:
                     log.warning("pod %s: inbox consumer lost Redis: %r", self.pod_id, exc)
@@ -262,13 +286,12 @@ class RedisBus(BoundBus):
             delay = BACKOFF_MIN_SECONDS
             if self._inbox.ok():
                 log.info("pod %s: inbox consumer running", self.pod_id)
-            for _, entries in _entries(response):
-                for entry_id, fields in entries:
-                    self._inbox_last = entry_id
-                    try:
-                        self._on_inbox(fields)
-                    except Exception:
-                        log.exception("bad inbox entry %s: %r", entry_id, fields.get("k"))
+            for entry_id, fields in _entries(response):
+                self._inbox_last = entry_id
+                try:
+                    self._on_inbox(fields)
+                except Exception:
+                    log.exception("bad inbox entry %s: %r", entry_id, fields.get("k"))
 
     def _on_inbox(self, fields: dict[str, str]) -> None:
         kind = fields.get("k")
@@ -278,17 +301,26 @@ class RedisBus(BoundBus):
                 future.set_result(fields.get("ok") == "1")
             return
         connection_id = fields.get("cid", "")
+        requester = fields.get("from", "")
         # The sender watches (or is about to): publish to it without waiting for the cache to expire.
-        self._watchers.pop(connection_id, None)
+        # A sender already known to watch teaches nothing, and keeping the entry spares the next
+        # publish a Redis round trip.
+        known = self._watchers.get(connection_id)
+        if known is None or requester not in known[1]:
+            self._watchers.pop(connection_id, None)
         if kind == "watch":
             return
-        requester = fields.get("from", "")
         correlation = fields.get("id", "")
         if int(fields.get("dl", "0")) < now_ms():
             log.info("dropped a %s for %s from pod %s: past its deadline", kind, connection_id, requester)
             return  # the requester already answered its caller
         if kind == "send":
-            work: Awaitable[bool] = self.handler.write_to_device(connection_id, fields.get("text", ""))
+            text = fields.get("text", "")
+            if self.handler.write_to_device_now(connection_id, text):
+                # Written in this turn of the loop: only the reply waits for Redis.
+                self._spawn(self._reply(requester, correlation, True))
+                return
+            work: Awaitable[bool] = self.handler.write_to_device(connection_id, text)
         elif kind == "close":
             code = int(fields.get("code", "1000"))
             work = self.handler.close_device(connection_id, code, fields.get("reason", ""))
@@ -296,7 +328,8 @@ class RedisBus(BoundBus):
             log.warning("unknown inbox entry kind %r", kind)
             return
         # One task per request: a slow device must not hold up the others. Tasks start in inbox order
-        # and the device socket's lock is fair, so frames to one device keep their order.
+        # and the device socket's lock is fair, so frames to one device keep their order (a frame is
+        # written at once above only while no write waits on that socket).
         self._spawn(self._answer(work, requester, correlation))
 
     async def _answer(self, work: Awaitable[bool], requester: str, correlation: str) -> None:
@@ -305,17 +338,15 @@ class RedisBus(BoundBus):
         except Exception:
             log.exception("carrying out a request from pod %s failed", requester)
             ok = False
+        await self._reply(requester, correlation, ok)
+
+    async def _reply(self, requester: str, correlation: str, ok: bool) -> None:
         inbox = self.keys.inbox(requester)
+        reply = {"k": "reply", "id": correlation, "ok": "1" if ok else "0"}
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(
-                inbox,
-                {"k": "reply", "id": correlation, "ok": "1" if ok else "0"},
-                maxlen=INBOX_MAXLEN,
-                approximate=True,
+            await self._writes.pipeline(
+                [_xadd(inbox, INBOX_MAXLEN, reply), ("PEXPIRE", inbox, int(INBOX_TTL_SECONDS * 1000))]
             )
-            pipe.pexpire(inbox, int(INBOX_TTL_SECONDS * 1000))
-            await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("could not answer pod %s: %r", requester, exc)
 
@@ -363,24 +394,27 @@ class RedisBus(BoundBus):
         if not batch:
             return
         watchers = await self._watchers_of({connection_id for connection_id, _, _ in batch})
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[str | int, ...]] = []
         written: set[str] = set()
         for connection_id, counter, event in batch:
-            if not watchers.get(connection_id, frozenset()) - {self.pod_id}:
+            pods = watchers.get(connection_id, frozenset()) - {self.pod_id}
+            if not pods:
                 continue
-            fields: dict[Any, Any] = {"p": self.pod_id, "n": str(counter)}
+            fields = {"c": connection_id, "p": self.pod_id, "n": str(counter)}
             if event.frame is not None:
                 fields["f"] = event.frame.text
             if event.gap_before:
                 fields["g"] = "1"
             if event.state is not None:
                 fields["s"] = event.state.value
-            pipe.xadd(self.keys.events(connection_id), fields, maxlen=EVENT_STREAM_MAXLEN, approximate=True)
-            written.add(connection_id)
-        for connection_id in written:
-            pipe.pexpire(self.keys.events(connection_id), int(EVENT_STREAM_TTL_SECONDS * 1000))
-        if written:
-            await pipe.execute()
+            for pod in pods:
+                stream = self.keys.pod_events(pod)
+                commands.append(_xadd(stream, EVENT_STREAM_MAXLEN, fields))
+                written.add(stream)
+        for stream in written:
+            commands.append(("PEXPIRE", stream, int(EVENT_STREAM_TTL_SECONDS * 1000)))
+        if commands:
+            await self._writes.pipeline(commands)
 
     async def _watchers_of(self, connection_ids: set[str]) -> dict[str, frozenset[str]]:
         now = time.monotonic()
@@ -412,7 +446,7 @@ class RedisBus(BoundBus):
     async def watch(self, connection_id: str) -> None:
         if connection_id in self._watched:
             return
-        self._watched[connection_id] = None
+        self._watched[connection_id] = False
         try:
             await self._register([connection_id])
         except (RedisError, OSError) as exc:
@@ -429,40 +463,30 @@ class RedisBus(BoundBus):
             log.info("unwatching %s left to expiry, Redis unavailable: %r", connection_id, exc)
 
     async def _register(self, connection_ids: list[str], notify: bool = True) -> None:
-        """Join the watchers of these connections and start reading their streams at their end."""
+        """Join the watchers of these connections: their owners write their events to our stream."""
         expires = now_ms() + int(WATCH_TTL_SECONDS * 1000)
-        fresh: list[str] = []
+        fresh: set[str] = set()
         owners: dict[str, str] = {}
         for start in range(0, len(connection_ids), PIPELINE_CHUNK):
             chunk = connection_ids[start : start + PIPELINE_CHUNK]
             pipe = self.redis.pipeline(transaction=False)
             for connection_id in chunk:
-                # The stream's current end first: anything written after it is read.
-                pipe.xrevrange(self.keys.events(connection_id), count=1)
                 pipe.zadd(self.keys.watchers(connection_id), {self.pod_id: expires})
                 pipe.pexpire(self.keys.watchers(connection_id), int(WATCH_TTL_SECONDS * 1000))
                 pipe.hget(self.keys.lease(connection_id), "pod")
             answers = await pipe.execute()
             for i, connection_id in enumerate(chunk):
-                last, owner = answers[4 * i], answers[4 * i + 3]
-                if connection_id in self._watched and self._watched[connection_id] is None:
-                    self._watched[connection_id] = last[0][0] if last else "0-0"
-                    fresh.append(connection_id)
+                owner = answers[3 * i + 2]
+                if self._watched.get(connection_id) is False:
+                    self._watched[connection_id] = True
+                    fresh.add(connection_id)
                 if owner and owner != self.pod_id:
                     owners[connection_id] = owner
-        if not fresh:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.keys.wake(self.pod_id), {"w": "1"}, maxlen=WAKE_MAXLEN, approximate=True)
-        await pipe.execute()
         if notify:
             ttl_ms = int(INBOX_TTL_SECONDS * 1000)
             for connection_id, owner in owners.items():
                 if connection_id in fresh:
-                    await self._request(
-                        keys=[self.keys.pod(owner), self.keys.inbox(owner)],
-                        args=[INBOX_MAXLEN, ttl_ms, "k", "watch", "cid", connection_id],
-                    )
+                    await self._put_request(owner, [INBOX_MAXLEN, ttl_ms, "k", "watch", "cid", connection_id])
 
     async def _watch_refresh_loop(self) -> None:
         while True:
@@ -472,10 +496,10 @@ class RedisBus(BoundBus):
 
     async def _refresh_watches(self) -> None:
         """Re-register every watch (after a Redis restart the watcher sets are gone)."""
-        pending = [c for c, last in self._watched.items() if last is None]
+        pending = [c for c, registered in self._watched.items() if not registered]
         if pending:
             await self._register(pending)
-        registered = [c for c, last in self._watched.items() if last is not None]
+        registered = [c for c, registered in self._watched.items() if registered]
         expires = now_ms() + int(WATCH_TTL_SECONDS * 1000)
         for start in range(0, len(registered), PIPELINE_CHUNK):
             pipe = self.redis.pipeline(transaction=False)
@@ -485,14 +509,14 @@ class RedisBus(BoundBus):
             await pipe.execute()
 
     async def _events_loop(self) -> None:
-        wake = self.keys.wake(self.pod_id)
+        stream = self.keys.pod_events(self.pod_id)
         delay = BACKOFF_MIN_SECONDS
         while True:
-            streams = {self.keys.events(c): last for c, last in self._watched.items() if last is not None}
-            streams[wake] = self._wake_last
             try:
                 block = READ_BLOCK_MS if self._events.up else RECOVERY_BLOCK_MS
-                response = await self.redis.xread(streams, count=READ_COUNT, block=block)  # type: ignore[arg-type]
+                response = await self._event_reads.call(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS", stream, self._events_last
+                )
                 if self._events.ok() and self._watched:
                     # Back after an outage: Redis may have restarted empty, so join the watchers again.
                     await self._refresh_watches()
@@ -504,26 +528,18 @@ class RedisBus(BoundBus):
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
                 continue
             delay = BACKOFF_MIN_SECONDS
-            for key, entries in _entries(response):
-                if key == wake:
-                    self._wake_last = entries[-1][0]
-                    continue
-                connection_id = self.keys.connection_of_events(key)
-                if connection_id is None or connection_id not in self._watched:
-                    continue
-                for entry_id, fields in entries:
-                    if connection_id not in self._watched:
-                        break
-                    self._watched[connection_id] = entry_id
-                    try:
-                        self._deliver(connection_id, fields)
-                    except Exception:
-                        log.exception("delivering an event of %s failed", connection_id)
+            for entry_id, fields in _entries(response):
+                self._events_last = entry_id
+                connection_id = fields.get("c", "")
+                if connection_id not in self._watched:
+                    continue  # unwatched since it was written
+                try:
+                    self._deliver(connection_id, fields)
+                except Exception:
+                    log.exception("delivering an event of %s failed", connection_id)
 
     def _deliver(self, connection_id: str, fields: dict[str, str]) -> None:
         publisher = fields.get("p", "")
-        if publisher == self.pod_id:
-            return  # this pod delivered it locally already
         counter = int(fields.get("n", "0"))
         previous = self._seen.get(connection_id)
         missed = previous is not None and previous[0] == publisher and counter > previous[1] + 1

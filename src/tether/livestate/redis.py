@@ -125,20 +125,11 @@ class RedisKeys:
     def inbox(self, pod_id: str) -> str:
         return f"{self.prefix}pod:{pod_id}:inbox"
 
-    def wake(self, pod_id: str) -> str:
-        return f"{self.prefix}pod:{pod_id}:wake"
-
-    def events(self, connection_id: str) -> str:
-        return f"{self.prefix}conn:{connection_id}:events"
+    def pod_events(self, pod_id: str) -> str:
+        return f"{self.prefix}pod:{pod_id}:events"
 
     def watchers(self, connection_id: str) -> str:
         return f"{self.prefix}conn:{connection_id}:watchers"
-
-    def connection_of_events(self, key: str) -> str | None:
-        head, tail = f"{self.prefix}conn:", ":events"
-        if key.startswith(head) and key.endswith(tail):
-            return key[len(head) : -len(tail)]
-        return None
 
 
 def connect_redis(url: str) -> Redis:
