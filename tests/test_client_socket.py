@@ -9,6 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+
+from tether.api.transport import _text_header
 from tether.hub import WRITE_BATCH_FRAMES, ClientSocket
 from tether.protocol.feeds import Scope
 from tether.protocol.history import History
@@ -103,3 +108,10 @@ async def test_a_full_buffer_holds_the_writes_back_and_keeps_their_order() -> No
     sock.deliver(frame(5))
     await settle()
     assert seqs(transport.writes) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("length", [0, 125, 126, 65_535, 65_536, 70_000])
+def test_relay_frames_are_framed_exactly_as_websockets_frames_them(length: int) -> None:
+    data = b"x" * length
+    expected = WsFrame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+    assert _text_header(length) + data == expected

@@ -112,6 +112,20 @@ async def test_events_reach_both_sockets_with_independent_seq_and_stream_delta_o
     await dev.close()
 
 
+async def test_frames_of_every_length_arrive_intact_on_both_sockets(srv: Router) -> None:
+    dev = await RawDevice.connect(srv.base_url, srv.key)
+    control, stream = await client_pair(srv, dev)
+    await device_next(dev, "sync")
+    # One of each WebSocket length encoding (7-bit, 16-bit, 64-bit) and multi-byte UTF-8.
+    for content in ["", "é✓" * 20, "x" * 300, "y" * 70_000]:
+        delta = {"message_type": "assistant_message", "content": content}
+        sent = await dev.emit("stream_delta", RT1, delta=delta)
+        for sock in (control, stream):
+            got = await recv(sock)
+            assert got["delta"] == delta and got["idempotency_key"] == sent["idempotency_key"]
+    await dev.close()
+
+
 async def test_responses_go_to_the_pair_that_asked(srv: Router) -> None:
     dev = await RawDevice.connect(srv.base_url, srv.key)
     a_control, a_stream = await client_pair(srv, dev)

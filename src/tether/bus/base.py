@@ -21,7 +21,7 @@ class DeviceState(StrEnum):
     OFFLINE = "offline"  # declared gone: relay sockets close
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per relayed frame; not frozen for speed (see protocol.frames.Frame)
 class DeviceEvent:
     """What a device's pod publishes to the pods watching that connection."""
 

@@ -34,7 +34,9 @@ class FrameError(ValueError):
     """A frame that is not a JSON object with a string `type`."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which tripled the cost
+# of building one (one per relayed frame). Nothing writes to a Frame after `decode`.
+@dataclass(slots=True)
 class Frame:
     """One parsed frame plus the routing facts the relay needs, read once."""
 

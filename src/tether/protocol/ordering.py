@@ -23,7 +23,7 @@ class _Held(Generic[T]):
     item: T = field(compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per relayed frame; not frozen for speed (see protocol.frames.Frame)
 class Released(Generic[T]):
     item: T
     gap_before: bool  # numbers were lost right before this item
