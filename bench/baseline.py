@@ -21,7 +21,11 @@ import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import ORJSONResponse
 
+from tether.cli import tune_gc
+from tether.config import Settings
+
 MAX_FRAME_BYTES = 20 * 1024 * 1024  # Tether's default max_frame_bytes
+DEFAULTS = Settings()
 
 
 @dataclass
@@ -101,9 +105,13 @@ def main() -> None:
         ws_max_size=MAX_FRAME_BYTES,
         ws_per_message_deflate=False,
         ws_ping_interval=None,
+        # `tether serve`'s process settings too (listen backlog, garbage collector): a reconnect storm
+        # meets the same accept queue and the same collector.
+        backlog=DEFAULTS.listen_backlog,
         log_level="warning",
         lifespan="on",
     )
+    tune_gc(DEFAULTS.gc_thresholds)
     uvicorn.Server(config).run()
 
 

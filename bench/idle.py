@@ -4,6 +4,10 @@ Reference devices (split channels, paired generations, 30 s heartbeats, a status
 `letta server` does) are spread over several load-generator processes, each opening its sockets from
 its own 127.0.0.x address, so that neither a process's open-file limit nor one address's ephemeral
 ports run out.
+
+The storm is run a second time against the baseline forwarder, with as many single-socket devices as
+Tether had sockets: the same number of WebSocket handshakes on the same stack, with nothing of
+Tether's own (auth, leases, pairing, presence).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ SETTLE_CPU_PERCENT = 30.0
 SETTLE_MAX_SECONDS = 40.0
 FLOOR_WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 30.0
-# Left for the storm, REST's count and stopping 8,000 devices after the heartbeat window.
-AFTER_WINDOW_SECONDS = STORM_WAIT_SECONDS + REST_WAIT_SECONDS + 30
+# Left for the storm, REST's count, stopping 8,000 devices and the forwarder's storm (connect 16,000
+# single-socket devices, sever them) after the heartbeat window.
+AFTER_WINDOW_SECONDS = STORM_WAIT_SECONDS + REST_WAIT_SECONDS + 100
 
 
 async def online_count(server: Server) -> int | None:
@@ -185,13 +190,17 @@ async def measure(run: Run) -> None:
         )
         run.add(at_most(figure, 5))
 
-        await storm(run, router, agents, ready)
+        figure = await storm(run, router, agents, ready)
         run.sections["idle_problems"] = router.problems()[:20]
         generator_rss = [a.rss_kib() for a in agents]
         run.sections["idle_generators"] = {
             "rss_kib": generator_rss,
             "per_device_kib": sum(generator_rss) / max(1, ready),
         }
+        router.kill()
+        await asyncio.gather(*(a.call("stop", group="idle") for a in agents))
+        await forwarder_storm(run, agents, 2 * ready, figure)
+        run.add(figure)
     finally:
         run.say("  stopping the router and the devices")
         # Killed, not stopped: a graceful drain of 16,000 sockets would only cost time here.
@@ -242,18 +251,74 @@ async def connect(
     return ready, seconds, failed
 
 
-async def storm(run: Run, router: Server, agents: list[AgentProcess], ready: int) -> None:
-    wait = max(30.0, min(STORM_WAIT_SECONDS, run.remaining() - REST_WAIT_SECONDS - 40))
-    run.say(f"reconnect storm: dropping all {ready} devices' sockets at once (no close frame)")
-    cpu_before = router.cpu_seconds()
-    severed = await asyncio.gather(*(a.call("sever", group="idle") for a in agents))
+async def _sever_and_wait(
+    run: Run, agents: list[AgentProcess], ready: int, group: str, wait: float
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """Drop every device of `group` at once; (when they were dropped, seconds until all were back or
+    the wait ended, each generator's account)."""
+    severed = await asyncio.gather(*(a.call("sever", group=group) for a in agents))
     t0 = min(severed)
-    progress = asyncio.create_task(_report_progress(run, agents, ready, t0, label="ready"))
+    progress = asyncio.create_task(_report_progress(run, agents, ready, t0, group=group))
     try:
-        back = await asyncio.gather(*(a.call("await_reconnect", group="idle", timeout=wait) for a in agents))
+        back = await asyncio.gather(*(a.call("await_reconnect", group=group, timeout=wait) for a in agents))
     finally:
         progress.cancel()
-    devices_seconds = max(b["at"] for b in back) - t0
+    return t0, max(b["at"] for b in back) - t0, back
+
+
+async def forwarder_storm(run: Run, agents: list[AgentProcess], sockets: int, figure: Figure) -> None:
+    """The same storm against the baseline forwarder: as many single-socket devices as Tether had
+    sockets, so both servers take the same number of handshakes. The stack's own limit."""
+    wait = max(20.0, min(STORM_WAIT_SECONDS, run.remaining() - 60))
+    per_agent = sockets // len(agents)
+    run.say(f"  baseline: the same storm on the forwarder, {per_agent * len(agents)} single-socket devices")
+    forwarder = await start_baseline(run.workdir / "storm-baseline")
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                a.call(
+                    "devices",
+                    group="storm-floor",
+                    base_url=forwarder.base_url,
+                    key="none",
+                    count=per_agent,
+                    heartbeat=HEARTBEAT_SECONDS,
+                    batch=BATCH,
+                )
+                for a in agents
+            )
+        )
+        ready = sum(o["ready"] for o in outcomes)
+        await asyncio.sleep(3)
+        cpu_before = forwarder.cpu_seconds()
+        _, seconds, back = await _sever_and_wait(run, agents, ready, "storm-floor", wait)
+        returned = sum(b["back"] for b in back)
+        cpu = forwarder.cpu_seconds() - cpu_before
+    finally:
+        forwarder.kill()
+        await asyncio.gather(*(a.call("stop", group="storm-floor") for a in agents))
+    run.say(f"  baseline: {returned}/{ready} back after {seconds:.1f}s, forwarder CPU {cpu:.0f} s")
+    figure.detail["baseline"] = {
+        "sockets": ready,
+        "returned": returned,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+    }
+    figure.note += (
+        f". Baseline: the forwarder, same storm with {ready} single-socket devices (the same number "
+        f"of handshakes), had {returned} back after {seconds:.1f} s, CPU {cpu:.0f} s"
+    )
+    if returned == ready and figure.value is not None:
+        figure.baseline = seconds
+        figure.ratio = figure.value / seconds
+
+
+async def storm(run: Run, router: Server, agents: list[AgentProcess], ready: int) -> Figure:
+    """Tether's reconnect storm; the figure, for the caller to add once the baseline is measured."""
+    wait = max(30.0, min(STORM_WAIT_SECONDS, run.remaining() - REST_WAIT_SECONDS - 100))
+    run.say(f"reconnect storm: dropping all {ready} devices' sockets at once (no close frame)")
+    cpu_before = router.cpu_seconds()
+    t0, devices_seconds, back = await _sever_and_wait(run, agents, ready, "idle", wait)
     returned = sum(b["back"] for b in back)
     run.say(f"  {returned}/{ready} devices ready again after {devices_seconds:.1f}s; asking REST")
     rest_seconds = None
@@ -329,13 +394,13 @@ async def storm(run: Run, router: Server, agents: list[AgentProcess], ready: int
     if errors:
         misses.append(f"{errors} errors")
     figure.miss = "; ".join(misses)
-    run.add(figure)
+    return figure
 
 
 async def _report_progress(
-    run: Run, agents: list[AgentProcess], total: int, started: float, label: str = "ready"
+    run: Run, agents: list[AgentProcess], total: int, started: float, group: str = "idle"
 ) -> None:
     while True:
         await asyncio.sleep(5)
-        counts = await asyncio.gather(*(a.call("ready_count", group="idle") for a in agents))
-        run.say(f"  ... {sum(counts)}/{total} {label} after {time.monotonic() - started:.0f}s")
+        counts = await asyncio.gather(*(a.call("ready_count", group=group) for a in agents))
+        run.say(f"  ... {sum(counts)}/{total} ready after {time.monotonic() - started:.0f}s")

@@ -113,7 +113,7 @@ def _given(**values: object) -> dict[str, object]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _tune_gc(thresholds: tuple[int, int, int]) -> None:
+def tune_gc(thresholds: tuple[int, int, int]) -> None:
     """Collect less often, and never rescan what the process built to start (modules, the app)."""
     gc.collect()
     gc.freeze()
@@ -151,7 +151,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
     )
     server = _draining_server(config, settings.shutdown_drain_seconds)
-    _tune_gc(settings.gc_thresholds)
+    tune_gc(settings.gc_thresholds)
     # uvicorn handles SIGINT/SIGTERM itself, drains (below), then re-raises the signal.
     try:
         server.run()
