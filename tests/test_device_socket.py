@@ -57,6 +57,39 @@ async def test_paired_split_sockets_get_listener_ready_and_the_row_turns_online(
     await stream.close()
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"channel": "sideways"},
+        {"channel": "control", "connectionGeneration": "g1"},  # a generation without its attempt
+        {"channel": "control", "connectionAttempt": 1},  # an attempt without its generation
+        {"channel": "control", "connectionGeneration": "g1", "connectionAttempt": 0},
+        {"channel": "control", "connectionGeneration": "g1", "connectionAttempt": "two"},
+    ],
+)
+async def test_a_socket_with_an_invalid_hello_is_closed_with_4400(
+    srv: Router, params: dict[str, object]
+) -> None:
+    reg = await register(srv.base_url, srv.key, name="laptop")
+    ws = await open_socket(device_url(reg["wsUrl"], reg["deviceId"], "laptop", **params), srv.key)
+    code, _ = await closed_with(ws)
+    assert code == 4400
+
+
+async def test_hello_parameters_are_read_percent_decoded(srv: Router) -> None:
+    reg = await register(srv.base_url, srv.key, name="laptop")
+    generation = "gen/1 + é"  # urlencode turns these into %2F, + and %C3%A9
+    params = {"channel": "control", "connectionGeneration": generation, "connectionAttempt": 2}
+    url = device_url(reg["wsUrl"], reg["deviceId"], "laptop", **params)
+    control = await open_socket(url, srv.key)
+    assert await recv(control) == {
+        "type": "listener_ready",
+        "connection_generation": generation,
+        "connection_attempt": 2,
+    }
+    await control.close()
+
+
 async def _online_row(srv: Router, device_id: str) -> dict[str, object] | None:
     row = await env_row(srv.base_url, srv.key, device_id)
     return row if row["connectionId"] else None
