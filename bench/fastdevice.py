@@ -84,9 +84,9 @@ class FastDevice:
             self.control = await self._open(
                 listener_url(reg["wsUrl"], device_id=self.device_id, connection_name=self.name)
             )
-        for ws in (self.control, self.stream):
-            if ws is not None:
-                self._spawn(self._read(ws))
+        for opened in (self.control, self.stream):
+            if opened is not None:
+                self._spawn(self._read(opened))
         self._spawn(self._heartbeat())
 
     async def _open(self, url: str) -> ClientConnection:

@@ -12,6 +12,7 @@ frame that the client protocol asks for.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -128,7 +129,7 @@ async def profile(run: Run, client: AgentProcess, tether: Server, side: Side) ->
     """Sample the router with py-spy during one more stream run and one more block of round trips."""
     from bench.profile import record, summarise
 
-    workloads = {
+    workloads: dict[str, Callable[[], Awaitable[Any]]] = {
         "profile_stream": lambda: client.call(
             "stream", name=side.client_name, count=40_000, size=64, runtime=RUNTIME
         ),

@@ -6,7 +6,6 @@ from tether.bus.base import BoundBus, DeviceEvent
 
 
 class MemoryBus(BoundBus):
-
     async def start(self) -> None:
         return None
 
