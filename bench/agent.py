@@ -213,7 +213,9 @@ class Agent:
                 *(device.wait_ready(ready_timeout) for device in fresh), return_exceptions=True
             )
             failed.extend(f"{d.name}: {o!r}" for d, o in zip(fresh, outcomes, strict=True) if o is not None)
-        # Out of the collector's reach while they live (see main); `stop` hands them back.
+        # Out of the collector's reach while they live (see main); `stop` hands them back. Collected
+        # first, so that what an earlier group left is not frozen with them.
+        gc.collect()
         gc.freeze()
         return {
             "ready": sum(1 for d in devices if d.ready.is_set()),

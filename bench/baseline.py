@@ -23,6 +23,7 @@ from fastapi.responses import ORJSONResponse
 
 from tether.cli import tune_gc
 from tether.config import Settings
+from tether.listen import open_listeners
 
 MAX_FRAME_BYTES = 20 * 1024 * 1024  # Tether's default max_frame_bytes
 DEFAULTS = Settings()
@@ -105,14 +106,14 @@ def main() -> None:
         ws_max_size=MAX_FRAME_BYTES,
         ws_per_message_deflate=False,
         ws_ping_interval=None,
-        # `tether serve`'s process settings too (listen backlog, garbage collector): a reconnect storm
-        # meets the same accept queue and the same collector.
+        # `tether serve`'s process settings too (listen backlog and sockets, garbage collector): a
+        # reconnect storm meets the same accept queues and the same collector.
         backlog=DEFAULTS.listen_backlog,
         log_level="warning",
         lifespan="on",
     )
     tune_gc(DEFAULTS.gc_thresholds)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=open_listeners(args.host, args.port, DEFAULTS.listen_backlog))
 
 
 if __name__ == "__main__":

@@ -247,16 +247,16 @@ async def settle(run: Run, router: Server) -> float:
 
 
 async def connect(
-    run: Run, router: Server, agents: list[AgentProcess], per_agent: int, total: int
+    run: Run, router: Server, agents: list[AgentProcess], per_agent: int, total: int, group: str = "idle"
 ) -> tuple[int, float, int]:
     started = time.monotonic()
-    progress = asyncio.create_task(_report_progress(run, agents, total, started))
+    progress = asyncio.create_task(_report_progress(run, agents, total, started, group=group))
     try:
         outcomes = await asyncio.gather(
             *(
                 a.call(
                     "devices",
-                    group="idle",
+                    group=group,
                     base_url=router.base_url,
                     key=router.key,
                     count=per_agent,
@@ -298,21 +298,7 @@ async def forwarder_storm(run: Run, agents: list[AgentProcess], sockets: int, fi
     run.say(f"  baseline: the same storm on the forwarder, {per_agent * len(agents)} single-socket devices")
     forwarder = await start_baseline(run.workdir / "storm-baseline")
     try:
-        outcomes = await asyncio.gather(
-            *(
-                a.call(
-                    "devices",
-                    group="storm-floor",
-                    base_url=forwarder.base_url,
-                    key="none",
-                    count=per_agent,
-                    heartbeat=HEARTBEAT_SECONDS,
-                    batch=BATCH,
-                )
-                for a in agents
-            )
-        )
-        ready = sum(o["ready"] for o in outcomes)
+        ready, _, _ = await connect(run, forwarder, agents, per_agent, per_agent * len(agents), "storm-floor")
         await asyncio.sleep(3)
         cpu_before, overflows_before = forwarder.cpu_seconds(), listen_overflows()
         _, seconds, back = await _sever_and_wait(run, agents, ready, "storm-floor", wait)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 from tether.clock import now_ms
 from tether.config import Settings, describe_settings, load_settings, parse_port
+from tether.listen import open_listeners
 from tether.store.base import SchemaTooNew
 from tether.store.sql import SqlStore
 
@@ -135,6 +136,16 @@ def serve(settings: Settings) -> int:
         url = _redact(settings.resolved_database_url)
         print(f"tether: refusing to start: cannot migrate the database {url}: {exc}", file=sys.stderr)
         return 2
+    try:
+        listeners = open_listeners(
+            settings.host, settings.port, settings.listen_backlog, settings.listen_sockets
+        )
+    except OSError as exc:
+        print(
+            f"tether: refusing to start: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     config = uvicorn.Config(
         SocketsFirst(create_app(settings)),
         host=settings.host,
@@ -154,7 +165,7 @@ def serve(settings: Settings) -> int:
     tune_gc(settings.gc_thresholds)
     # uvicorn handles SIGINT/SIGTERM itself, drains (below), then re-raises the signal.
     try:
-        server.run()
+        server.run(sockets=listeners)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT  # Ctrl-C after a clean shutdown: the shell's convention, no traceback
     return 0

@@ -38,6 +38,13 @@ def parse_port(text: str) -> int:
     return value
 
 
+def parse_listen_sockets(text: str) -> int:
+    value = _int(text)
+    if value > 64:
+        raise ValueError(f"expected 0 (as many as the backlog needs) to 64 sockets, got {text!r}")
+    return value
+
+
 def parse_gc_thresholds(text: str) -> tuple[int, int, int]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 3:
@@ -130,7 +137,18 @@ class Settings:
         metadata={
             "doc": "Connections the kernel queues before the router accepts them. When every device "
             "reconnects at once (a network blip, a pod restart), connects beyond the queue are dropped "
-            "and retried a second or more later. Linux caps it at net.core.somaxconn; raise that too."
+            "and retried a second or more later. Linux caps it at net.core.somaxconn per listening "
+            "socket; see LISTEN_SOCKETS, or raise somaxconn."
+        },
+    )
+    listen_sockets: int = field(
+        default=0,
+        metadata={
+            "doc": "Listening sockets on the port (SO_REUSEPORT), each with a queue of its own. 0: as "
+            "many as LISTEN_BACKLOG needs at net.core.somaxconn per socket, at most 8 (16,384 at the "
+            "default 4,096: 4 sockets); 1 on systems other than Linux. A second router on a taken "
+            "port is still refused.",
+            "parse": parse_listen_sockets,
         },
     )
     data_dir: str = field(
