@@ -88,5 +88,4 @@ def _bind(family: int, address: tuple[object, ...], *, reuse_port: bool) -> sock
     except BaseException:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
