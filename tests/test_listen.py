@@ -83,6 +83,16 @@ def test_a_listened_port_is_refused(listeners: list[socket.socket]) -> None:
             bind_listeners("127.0.0.1", port, count)
 
 
+def test_several_sockets_without_reuse_port_are_refused_as_an_os_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)
+    with pytest.raises(OSError, match="TETHER_LISTEN_SOCKETS to 1"):
+        bind_listeners("127.0.0.1", 0, 2)
+    (sock,) = bind_listeners("127.0.0.1", 0, 1)  # one socket needs no SO_REUSEPORT
+    sock.close()
+
+
 def test_one_socket_binds_without_reuse_port() -> None:
     (sock,) = bind_listeners("127.0.0.1", 0, 1)
     try:

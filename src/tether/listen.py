@@ -81,7 +81,10 @@ def _bind(family: int, address: tuple[object, ...], *, reuse_port: bool) -> sock
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            option = getattr(socket, "SO_REUSEPORT", None)
+            if option is None:  # an explicit TETHER_LISTEN_SOCKETS above 1 where the system has none
+                raise OSError("this system has no SO_REUSEPORT: set TETHER_LISTEN_SOCKETS to 1")
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
