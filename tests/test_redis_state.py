@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tether.bus.base import DeviceEvent, DeviceState
 from tether.bus.redis import RedisBus
 from tether.clock import now_ms
 from tether.config import Settings
@@ -25,6 +24,7 @@ from tether.livestate.redis import (
     RedisLiveState,
     stop_tasks,
 )
+from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.frames import decode
 
 pytestmark = pytest.mark.redis

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tether.bus.base import Bus, DeviceEvent, DeviceState
+from tether.bus.base import Bus
 from tether.clock import now_ms
+from tether.protocol import closes
+from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.feeds import Feed, Scope
 from tether.protocol.frames import Frame, error_frame, with_seq
 from tether.protocol.history import History
@@ -26,9 +28,6 @@ from tether.protocol.pairing import Close, Pairing, Send
 log = logging.getLogger("tether.hub")
 
 # Close codes for relay sockets (documented in README "Close codes").
-CLOSE_DEVICE_OFFLINE = 1001
-CLOSE_SLOW_CONSUMER = 4008
-CLOSE_SHUTDOWN = 1012
 # The router's own requests (scope subscriptions) remembered per connection; their answers are
 # not relayed. Bounded: a device that never answers cannot grow it.
 INTERNAL_REQUESTS_PER_CONNECTION = 1024
@@ -499,7 +498,7 @@ class Hub:
 
     async def close_watch(self, watch: Watch, reason: str) -> None:
         for sock in list(watch.sockets):
-            await sock.close(CLOSE_DEVICE_OFFLINE, reason)
+            await sock.close(closes.DEVICE_OFFLINE, reason)
         for sock in list(watch.detached.values()):
             sock.stop_writer()
         watch.sockets.clear()

@@ -17,12 +17,14 @@ from typing import Any
 
 import orjson
 
-from tether.bus.base import Bus, DeviceEvent, DeviceState
+from tether.bus.base import Bus
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.hub import ClientSocket, DeviceLink, DeviceSocket, Hub, Transport, Watch
 from tether.livestate.base import LiveState, LiveStateUnavailable
 from tether.metrics import Counters
+from tether.protocol import closes
+from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync, status_fields
 from tether.protocol.history import History
@@ -42,11 +44,6 @@ from tether.teleports import Teleports
 
 log = logging.getLogger("tether.node")
 
-CLOSE_LEASE_UNKNOWN = 1008
-CLOSE_REPLACED = 1000
-REPLACED_REASON = "Replaced by new connection"
-CLOSE_HEARTBEAT_TIMEOUT = 4004
-CLOSE_DRAIN = 1012
 # Presence rows are written in batches at most this far behind live state.
 PRESENCE_BATCH_SECONDS = 0.1
 # A device coming online waits at most this long for its row (the database may be slow or down:
@@ -187,7 +184,7 @@ class Node:
             # One jittered instant per equal slot: spread is guaranteed, lockstep is not possible.
             await asyncio.sleep(max(0.0, start + (i + random.random()) * slot - loop.time()))
             for sock in link.pairing.sockets():
-                await sock.close(CLOSE_DRAIN, "router pod shutting down")
+                await sock.close(closes.DRAIN, "router pod shutting down")
 
     async def ready(self) -> tuple[bool, str]:
         try:
@@ -237,7 +234,7 @@ class Node:
                     self.settings.offline_after_seconds,
                 )
                 for sock in link.pairing.sockets():
-                    await sock.close(CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
+                    await sock.close(closes.HEARTBEAT_TIMEOUT, "no heartbeat")
         self.teleports.tick(now)
         await self._check_remote_owners(now)
 
@@ -265,7 +262,7 @@ class Node:
             await self._revoke(previous)
             owner = (await self.live.lookup([previous])).get(previous)
             if owner is not None:
-                await self.bus.close_device(previous, owner.pod_id, CLOSE_REPLACED, REPLACED_REASON)
+                await self.bus.close_device(previous, owner.pod_id, closes.REPLACED, closes.REPLACED_REASON)
         split = self.settings.split_channels
         return {
             "connectionId": connection_id,
@@ -354,7 +351,7 @@ class Node:
             owner = (await self.live.lookup([row.connection_id])).get(row.connection_id)
             if owner is not None:
                 await self.bus.close_device(
-                    row.connection_id, owner.pod_id, CLOSE_LEASE_UNKNOWN, "environment deleted"
+                    row.connection_id, owner.pod_id, closes.LEASE_UNKNOWN, "environment deleted"
                 )
         return True
 
@@ -515,11 +512,16 @@ class Node:
                     await self.live.device_connected(link.connection_id, self.pod_id, now)
                     if await self._revoked_meanwhile(link):
                         # Re-registered while connecting: the registration found no owner to tell.
-                        await self.hub.close_device(link.connection_id, CLOSE_REPLACED, REPLACED_REASON)
+                        await self.hub.close_device(
+                            link.connection_id, closes.REPLACED, closes.REPLACED_REASON
+                        )
                     if previous is not None and previous.pod_id != self.pod_id:
                         # Back through another pod, which may still hold a half-open socket.
                         await self.bus.close_device(
-                            link.connection_id, previous.pod_id, 4000, "device reconnected elsewhere"
+                            link.connection_id,
+                            previous.pod_id,
+                            closes.SUPERSEDED,
+                            "device reconnected elsewhere",
                         )
                 else:
                     await self.live.device_disconnected(link.connection_id, self.pod_id)
@@ -758,7 +760,7 @@ class Node:
         self.counters.relay_slow_consumer_closes += 1
         log.info("relay socket %s cannot keep up (%d frames queued): closing it", sock.id, sock.queued)
         asyncio.get_running_loop().create_task(
-            self._drop_client(sock, 4008, "slow consumer: outbound queue full")
+            self._drop_client(sock, closes.SLOW_CONSUMER, "slow consumer: outbound queue full")
         )
 
     async def _drop_client(self, sock: ClientSocket, code: int, reason: str) -> None:

@@ -11,8 +11,8 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from tether.bus.base import DeviceState
 from tether.clock import now_ms
+from tether.protocol.events import DeviceState
 from tether.protocol.frames import Frame, encode
 from tether.protocol.teleport import (
     DESTINATION_WAIT_MS,

@@ -10,14 +10,14 @@ from fastapi import APIRouter, WebSocket
 from tether.api.auth import bearer
 from tether.api.transport import WsTransport
 from tether.hub import DeviceLink, DeviceSocket
-from tether.node import CLOSE_DRAIN, CLOSE_LEASE_UNKNOWN, LeaseRefused, Node
+from tether.node import LeaseRefused, Node
+from tether.protocol import closes
 from tether.protocol.frames import FrameError, decode
 from tether.protocol.pairing import Channel, Hello
 
 log = logging.getLogger("tether.device_socket")
 router = APIRouter()
 
-CLOSE_BAD_HELLO = 4400
 PING = '{"type":"ping"}'
 
 
@@ -79,18 +79,18 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
     # Refusals complete the upgrade and then close: only a close code makes the device act
     # (1008 -> re-register); a refused upgrade would just be retried for five minutes.
     if node.draining:
-        await ws.close(CLOSE_DRAIN, "router pod shutting down")
+        await ws.close(closes.DRAIN, "router pod shutting down")
         return
     # Parsed straight from the scope: Starlette's QueryParams (a multi-dict built per socket) was
     # 3 % of the router's CPU in a reconnect storm. Same rules: blanks kept, the last value wins.
     hello = _hello(dict(parse_qsl(ws.scope["query_string"].decode("latin-1"), keep_blank_values=True)))
     if hello is None:
-        await ws.close(CLOSE_BAD_HELLO, "invalid channel, connectionGeneration or connectionAttempt")
+        await ws.close(closes.BAD_HELLO, "invalid channel, connectionGeneration or connectionAttempt")
         return
     try:
         link = await node.open_lease(principal, connection_id, hello)
     except LeaseRefused as refused:
-        await ws.close(CLOSE_LEASE_UNKNOWN, refused.reason)
+        await ws.close(closes.LEASE_UNKNOWN, refused.reason)
         return
     transport = WsTransport(ws)
     transport.release_handshake()

@@ -12,6 +12,7 @@ from tether.api.errors import error_response
 from tether.api.transport import WsTransport
 from tether.clock import now_ms
 from tether.node import Node
+from tether.protocol import closes
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import FrameError, decode
 from tether.protocol.ratelimit import TokenBucket
@@ -21,7 +22,6 @@ router = APIRouter()
 
 SOCKET_ID_HEADER = b"x-tether-socket-id"
 # Closes after which a client will not come back for its history.
-_FINAL_CLOSES = {1000, 1001}
 
 
 def _resume_point(socket_id: str | None, after: str | None) -> tuple[str, int] | None:
@@ -98,4 +98,4 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
                 continue
             await node.relay_command(sock, frame)
     finally:
-        await node.relay_closed(sock, resumable=close_code not in _FINAL_CLOSES)
+        await node.relay_closed(sock, resumable=close_code not in closes.RELAY_FINAL)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tether.bus.base import BoundBus, DeviceEvent
+from tether.bus.base import BoundBus
+from tether.protocol.events import DeviceEvent
 
 
 class MemoryBus(BoundBus):

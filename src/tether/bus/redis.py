@@ -32,7 +32,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tether.bus.base import BoundBus, DeviceEvent, DeviceState
+from tether.bus.base import BoundBus
 from tether.bus.resp import RespConnection, script_sha
 from tether.clock import now_ms
 from tether.config import Settings
@@ -48,6 +48,7 @@ from tether.livestate.redis import (
     stop_tasks,
     wait_for_redis,
 )
+from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.frames import FrameError, decode
 
 log = logging.getLogger("tether.bus.redis")

@@ -13,11 +13,6 @@ import orjson
 
 PONG = '{"type":"pong"}'
 
-# Frames a split-mode device sends on its stream socket (device-protocol §4.5).
-STREAM_CLASS = frozenset(
-    {"stream_delta", "update_device_status", "update_loop_status", "update_queue", "update_subagent_state"}
-)
-
 # Device permission modes onto the REST `currentMode` enum. `strict` has no REST value: the row
 # shows currentMode null and keeps the exact mode in metadata.permissionMode.
 _REST_MODES = {

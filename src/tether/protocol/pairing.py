@@ -17,15 +17,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from tether.protocol import closes
 from tether.protocol.frames import listener_ready
 
 S = TypeVar("S")
-
-# Close codes the device treats as transient (anything but 1008 and 1000 "Replaced by new connection").
-CLOSE_SUPERSEDED = 4000
-CLOSE_STALE_GENERATION = 4001
-CLOSE_GENERATION_MISMATCH = 4002
-CLOSE_PARTNER_LOST = 4003
 
 
 class Channel(StrEnum):
@@ -102,8 +97,8 @@ class Pairing(Generic[S]):
             and current.attempt > hello.attempt
         ):
             # A delayed socket from an earlier attempt must never become current (LET-11074).
-            return [Close(socket, CLOSE_STALE_GENERATION, "stale connection attempt")]
-        actions.extend(self._drop_pair(CLOSE_SUPERSEDED, "superseded by a newer connection attempt"))
+            return [Close(socket, closes.STALE_GENERATION, "stale connection attempt")]
+        actions.extend(self._drop_pair(closes.SUPERSEDED, "superseded by a newer connection attempt"))
         self.control = socket
         self.hello = hello
         if hello.paired:
@@ -117,12 +112,12 @@ class Pairing(Generic[S]):
     def _stream_opened(self, socket: S, hello: Hello) -> list[Action[S]]:
         current = self.hello
         if self.control is None or current is None or current.channel is not Channel.CONTROL:
-            return [Close(socket, CLOSE_GENERATION_MISMATCH, "no current control socket for this stream")]
+            return [Close(socket, closes.GENERATION_MISMATCH, "no current control socket for this stream")]
         if current.paired and (hello.generation, hello.attempt) != (current.generation, current.attempt):
-            return [Close(socket, CLOSE_GENERATION_MISMATCH, "generation does not match the control socket")]
+            return [Close(socket, closes.GENERATION_MISMATCH, "generation does not match the control socket")]
         actions: list[Action[S]] = []
         if self.stream is not None:
-            actions.append(Close(self.stream, CLOSE_SUPERSEDED, "superseded by a newer stream socket"))
+            actions.append(Close(self.stream, closes.SUPERSEDED, "superseded by a newer stream socket"))
         self.stream = socket
         if hello.paired:
             assert hello.generation is not None and hello.attempt is not None
@@ -140,7 +135,7 @@ class Pairing(Generic[S]):
         self.hello = None
         actions: list[Action[S]] = []
         if partner is not None:
-            actions.append(Close(partner, CLOSE_PARTNER_LOST, "partner socket closed"))
+            actions.append(Close(partner, closes.PARTNER_LOST, "partner socket closed"))
         actions.append(Lost())
         self.ready = False
         return actions
