@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tether.node import AuthCache
+from tether.ops.auth import AuthCache
 from tether.store.base import Principal
 from tether.store.sql import SqlStore
 

@@ -14,9 +14,9 @@ from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 
 from tether.api.transport import _text_header
-from tether.hub import WRITE_BATCH_FRAMES, ClientSocket
 from tether.protocol.feeds import Scope
 from tether.protocol.history import History
+from tether.sockets import WRITE_BATCH_FRAMES, ClientSocket
 
 
 class Recording:

@@ -1,257 +1,58 @@
-"""This pod's live sockets: device links, relay sockets, and the fan-out between them.
+"""This pod's live sockets: device links, relay watches, and the fan-out between them.
 
-A device frame travels: device socket edge -> `Hub.device_frame` (reorder) -> bus -> the watching
-pod's `Hub.on_device_event` -> `Watch.deliver` (scope, request routing, seq) -> relay socket queue.
+The hub is the only owner of both registries; everything else asks it. A device frame travels:
+device socket edge -> `DeviceSession` -> `Hub.device_frame` (reorder) -> `Hub.publish` -> this pod's
+`Watch.deliver` and, through the bus, every other watching pod's `Hub.on_device_event` -> relay
+socket queue. A command travels the other way: `RelaySession` -> `Hub.send_to_device` -> the control
+socket here, or the bus to the pod holding it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
-from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tether.bus.base import Bus
 from tether.clock import now_ms
+from tether.livestate.base import LiveState
 from tether.protocol import closes
 from tether.protocol.events import DeviceEvent, DeviceState
-from tether.protocol.feeds import Feed, Scope
-from tether.protocol.frames import Frame, error_frame, with_seq
-from tether.protocol.history import History
+from tether.protocol.fanout import Fanout
+from tether.protocol.frames import Frame
+from tether.protocol.lease import Lease
 from tether.protocol.ordering import ReorderBuffer
-from tether.protocol.pairing import Close, Pairing, Send
+from tether.protocol.pairing import Close, Send
+from tether.protocol.presence import is_online
+from tether.sockets import ClientSocket, DeviceSocket
+from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.hub")
 
-# Close codes for relay sockets (documented in README "Close codes").
-# The router's own requests (scope subscriptions) remembered per connection; their answers are
-# not relayed. Bounded: a device that never answers cannot grow it.
-INTERNAL_REQUESTS_PER_CONNECTION = 1024
-REQUEST_ROUTES_PER_CONNECTION = 10_000
-# A relay socket writes what queued up during one turn of the loop in writes of at most this much.
-WRITE_BATCH_FRAMES = 128
-WRITE_BATCH_BYTES = 256 * 1024
-
-
-class Transport(Protocol):
-    """The socket edge as the hub sees it."""
-
-    async def send(self, text: str) -> None: ...
-    def send_now(self, texts: list[str]) -> bool: ...
-    async def send_many(self, texts: list[str]) -> None: ...
-    async def close(self, code: int, reason: str) -> None: ...
-
-
-class DeviceSocket:
-    """One device WebSocket. Writes are serialised; the device reads promptly (it drops us otherwise)."""
-
-    __slots__ = ("_lock", "_waiting", "closed", "max_waiting", "transport")
-
-    def __init__(self, transport: Transport, max_waiting: int) -> None:
-        self.transport = transport
-        self.max_waiting = max_waiting
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self.closed = False
-
-    async def send(self, text: str) -> bool:
-        """Write one frame; False when the socket is gone or too many writes already wait on it."""
-        if self.closed or self._waiting >= self.max_waiting:
-            return False
-        if self.send_nowait(text):
-            return True
-        self._waiting += 1
-        try:
-            async with self._lock:
-                await self.transport.send(text)
-        except Exception:  # the peer went away mid-write; the receive loop will notice
-            return False
-        finally:
-            self._waiting -= 1
-        return True
-
-    def send_nowait(self, text: str) -> bool:
-        """Write one frame at once if nothing is queued ahead of it and the socket takes it."""
-        return not self.closed and self._waiting == 0 and self.transport.send_now([text])
-
-    async def close(self, code: int, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(Exception):
-            await self.transport.close(code, reason)
+# How long a watching pod trusts the owner it last looked up for a device held elsewhere. Any state
+# news for the device (away, online, offline) forgets it sooner, and a refused write makes the
+# next send ask again, so a moved device costs one extra lookup, never a lost command.
+OWNER_CACHE_MS = 5_000
 
 
 @dataclass(eq=False)
 class DeviceLink:
-    """One lease held on this pod: its pairing, ordering and heartbeat."""
+    """One lease held on this pod: its lifecycle machine, frame ordering and timers."""
 
     connection_id: str
     org_id: str
     device_id: str
     connection_name: str
     reorder: ReorderBuffer[Frame]
-    pairing: Pairing[DeviceSocket] = field(default_factory=Pairing)
-    last_heartbeat: int = 0
+    lease: Lease[DeviceSocket]
     away_timer: asyncio.TimerHandle | None = None
     reorder_timer: asyncio.TimerHandle | None = None
-    replaced: bool = False
-    presence_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    presence_written: bool = False  # what live state last said: connected or not
-    row_connected: bool = False  # whether this pod last wrote the row as connected here
-    away_since: int | None = None  # when live state last heard the device went away
 
     @property
     def ready(self) -> bool:
-        return self.pairing.ready
-
-
-class ClientSocket:
-    """One relay socket: its scope, its `seq`, a bounded outbound queue and its resume history."""
-
-    def __init__(
-        self,
-        socket_id: str,
-        transport: Transport,
-        connection_id: str,
-        key_id: str,
-        scope: Scope,
-        channel: str | None,
-        history: History,
-        max_frames: int,
-        max_bytes: int,
-    ) -> None:
-        self.id = socket_id
-        self.transport: Transport | None = transport
-        self.connection_id = connection_id
-        self.key_id = key_id
-        self.scope = scope
-        self.channel = channel
-        self.history = history
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self.seq = 0
-        self.partner: ClientSocket | None = None
-        self.closed = False
-        self.detached_at: int | None = None
-        self._queue: deque[str] = deque()
-        self._queued_bytes = 0
-        self._started = False
-        self._flush_scheduled = False
-        self._gathered = False
-        self._waiting: asyncio.Task[None] | None = None  # a write waiting for the socket's buffer
-        self.on_overflow: Callable[[ClientSocket], None] | None = None
-
-    def start(self) -> None:
-        """The socket is accepted: from now on what is queued goes out."""
-        self._started = True
-        self._schedule()
-
-    def deliver(self, text: str) -> None:
-        """Number a relayed frame for this socket and queue it (or only record it while detached)."""
-        self.seq += 1
-        out = with_seq(text, self.seq)
-        self.history.append(self.seq, out)
-        if self.transport is not None and not self.closed:
-            self.push(out)
-
-    def push(self, text: str) -> None:
-        """Queue text as-is (pongs and replays carry no new `seq`)."""
-        if self.closed:
-            return
-        self._queue.append(text)
-        self._queued_bytes += len(text)
-        if len(self._queue) > self.max_frames or self._queued_bytes > self.max_bytes:
-            if self.on_overflow is not None:
-                self.on_overflow(self)
-            return
-        self._schedule()
-
-    def _schedule(self) -> None:
-        # At the end of this turn of the loop, not at once: the frames of one device read go out
-        # in one write; and without a task switch, a lone answer goes out as soon as possible.
-        if self._started and not self._flush_scheduled and self._waiting is None:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if len(self._queue) > 1 and not self._gathered:
-            # A burst is arriving (a stream of deltas): one more turn of the loop gathers more of it
-            # into the same write. A lone frame (an answer) goes out now.
-            self._gathered = True
-            self._schedule()
-            return
-        self._gathered = False
-        while self._queue and not self.closed and self.transport is not None and self._waiting is None:
-            batch = self._take_batch()
-            if not self.transport.send_now(batch):
-                # The socket's buffer is full (or this transport only writes by awaiting): a task
-                # waits for it and writes this batch and the rest, in order.
-                self._waiting = asyncio.get_running_loop().create_task(self._write_waiting(batch))
-
-    async def _write_waiting(self, batch: list[str]) -> None:
-        try:
-            while self.transport is not None and not self.closed:
-                await self.transport.send_many(batch)
-                if not self._queue:
-                    break
-                batch = self._take_batch()
-        except Exception:
-            self.closed = True
-        finally:
-            self._waiting = None
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def _take_batch(self) -> list[str]:
-        """What is queued, up to WRITE_BATCH_FRAMES / WRITE_BATCH_BYTES: one write to the kernel."""
-        queue = self._queue
-        batch = [queue.popleft()]
-        size = len(batch[0])
-        while queue and len(batch) < WRITE_BATCH_FRAMES and size < WRITE_BATCH_BYTES:
-            text = queue.popleft()
-            batch.append(text)
-            size += len(text)
-        self._queued_bytes -= size
-        return batch
-
-    async def close(self, code: int, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._queue.clear()
-        transport, self.transport = self.transport, None
-        if transport is not None:
-            with contextlib.suppress(Exception):
-                await transport.close(code, reason)
-
-    def detach(self, at_ms: int) -> None:
-        """The client went away: keep numbering into history so it can resume."""
-        self.transport = None
-        self.detached_at = at_ms
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._started = False  # a resumed socket starts again once accepted
-        self.stop_writer()
-
-    def attach(self, transport: Transport, replay: list[str]) -> None:
-        self.transport = transport
-        self.detached_at = None
-        self.closed = False
-        for text in replay:
-            self.push(text)
-
-    def stop_writer(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
-            self._waiting = None
+        return self.lease.ready
 
 
 class FrameListener(Protocol):
@@ -261,37 +62,15 @@ class FrameListener(Protocol):
     def on_device_state(self, connection_id: str, state: DeviceState) -> None: ...
 
 
-class BoundedSet:
-    """A set that forgets its oldest members past `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, item: str) -> None:
-        self._items[item] = None
-        if len(self._items) > self.limit:
-            self._items.popitem(last=False)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._items
-
-
 @dataclass(eq=False)
 class Watch:
     """Everything this pod holds for one connection's clients."""
 
     connection_id: str
-    sockets: set[ClientSocket] = field(default_factory=set)
-    detached: dict[str, ClientSocket] = field(default_factory=dict)
-    feeds: dict[Scope, Feed] = field(default_factory=dict)
-    members: dict[Scope, set[ClientSocket]] = field(default_factory=dict)
-    requests: OrderedDict[str, ClientSocket] = field(default_factory=OrderedDict)
+    sockets: set[ClientSocket] = field(default_factory=set)  # attached relay sockets
+    detached: dict[str, ClientSocket] = field(default_factory=dict)  # dropped, kept for resume
+    fanout: Fanout[ClientSocket] = field(default_factory=Fanout)
     listeners: set[FrameListener] = field(default_factory=set)
-    internal_requests: BoundedSet = field(
-        default_factory=lambda: BoundedSet(INTERNAL_REQUESTS_PER_CONNECTION)
-    )
-    losses: int = 0
     state: DeviceState | None = None  # None: no change seen since this pod started watching
     ownerless_since: int | None = None  # first sweep that found no pod holding the device
     _owner: str | None = None  # the pod last found holding the device, trusted until _owner_until
@@ -308,86 +87,104 @@ class Watch:
         return self.state is DeviceState.AWAY or self.state is DeviceState.OFFLINE
 
     @property
+    def attended(self) -> bool:
+        """Someone is watching right now (detached sockets wait for their client, they do not watch)."""
+        return bool(self.sockets or self.listeners)
+
+    @property
     def empty(self) -> bool:
         return not self.sockets and not self.detached and not self.listeners
 
     def add(self, sock: ClientSocket) -> bool:
         """Add a socket; True when its scope is new here (the device should be subscribed to it)."""
         self.sockets.add(sock)
-        fresh = sock.scope not in self.feeds
-        if fresh:
-            self.feeds[sock.scope] = Feed(sock.scope)
-            self.members[sock.scope] = set()
-        self.members[sock.scope].add(sock)
-        self._pair(sock)
-        return fresh
+        return self.fanout.add(sock)
 
     def remove(self, sock: ClientSocket) -> None:
         self.sockets.discard(sock)
         self.detached.pop(sock.id, None)
-        members = self.members.get(sock.scope)
-        if members is not None:
-            members.discard(sock)
-            if not members:
-                del self.members[sock.scope]
-                del self.feeds[sock.scope]
-        if sock.partner is not None:
-            sock.partner.partner = None
-            sock.partner = None
+        self.fanout.remove(sock)
 
-    def _pair(self, sock: ClientSocket) -> None:
-        """Agent-SDK clients open a control and a stream socket with the same scope: bind them."""
-        if sock.channel not in ("control", "stream"):
-            return
-        wanted = "stream" if sock.channel == "control" else "control"
-        for other in self.members[sock.scope]:
-            if other.partner is None and other.channel == wanted and other.key_id == sock.key_id:
-                other.partner, sock.partner = sock, other
-                return
+    def detach(self, sock: ClientSocket, at: int) -> None:
+        """Keep numbering into the socket's history so its client can resume."""
+        self.sockets.discard(sock)
+        sock.detach(at)
+        self.detached[sock.id] = sock
 
-    def remember_request(self, request_id: str, sock: ClientSocket) -> None:
-        self.requests[request_id] = sock
-        self.requests.move_to_end(request_id)
-        while len(self.requests) > REQUEST_ROUTES_PER_CONNECTION:
-            self.requests.popitem(last=False)
+    def resumable(self, socket_id: str, key_id: str) -> ClientSocket | None:
+        old = self.detached.get(socket_id)
+        return old if old is not None and old.key_id == key_id else None
+
+    def resume(self, sock: ClientSocket) -> None:
+        del self.detached[sock.id]
+        self.sockets.add(sock)
 
     def deliver(self, frame: Frame, gap_before: bool) -> None:
-        if gap_before:
-            self.losses += 1
         for listener in list(self.listeners):
             listener.on_device_frame(self.connection_id, frame)
-        if frame.request_id is not None and frame.event_seq is None:
-            if frame.request_id in self.internal_requests:
-                return
-            sender = self.requests.get(frame.request_id)
-            if sender is not None and (sender in self.sockets or sender.id in self.detached):
-                # The pair that asked gets the answer, and only it (client-protocol §2.4).
-                sender.deliver(frame.text)
-                if sender.partner is not None:
-                    sender.partner.deliver(frame.text)
-                return
-        for scope, feed in self.feeds.items():
-            if scope.matches(frame):
-                text = feed.render(frame, self.losses)
-                for sock in self.members[scope]:
-                    sock.deliver(text)
+        for sock, text in self.fanout.route(frame, gap_before):
+            sock.deliver(text)
+
+    def owner_checked(self, owner: str | None, now: int, grace_ms: float) -> DeviceState | None:
+        """A sweep found `owner` holding the device (None: no pod): the state news that implies.
+
+        Repairs the order of state news from two pods (a draining pod's AWAY arriving after the new
+        pod's ONLINE) and notices a pod that died without a word."""
+        if owner is not None:
+            self.ownerless_since = None
+            return DeviceState.ONLINE if self.device_away else None
+        if self.ownerless_since is None:
+            self.ownerless_since = now
+        elif now - self.ownerless_since >= grace_ms and self.state is not DeviceState.OFFLINE:
+            return DeviceState.OFFLINE
+        return None
+
+    def clear(self) -> list[ClientSocket]:
+        """Forget every socket (the device is offline); the attached ones, to close."""
+        attached = list(self.sockets)
+        for sock in self.detached.values():
+            sock.stop_writer()
+        self.sockets.clear()
+        self.detached.clear()
+        self.fanout.clear()
+        return attached
 
 
 class Hub:
-    """Live sockets on this pod, and the BusHandler side of the bus."""
+    """Live sockets on this pod, the routing of commands to devices, and the BusHandler side of the bus."""
 
-    def __init__(self, bus: Bus, reorder_wait_ms: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        live: LiveState,
+        tasks: TaskSet,
+        reorder_wait_ms: float,
+        offline_after_ms: int,
+        grace_seconds: float,
+        send_timeout_seconds: float,
+    ) -> None:
         self.bus = bus
+        self.live = live
+        self.tasks = tasks
         self.reorder_wait_ms = reorder_wait_ms
-        self.devices: dict[str, DeviceLink] = {}
-        self.watches: dict[str, Watch] = {}
+        self.offline_after_ms = offline_after_ms
+        self.grace_seconds = grace_seconds
+        self.send_timeout_seconds = send_timeout_seconds
+        self._devices: dict[str, DeviceLink] = {}
+        self._watches: dict[str, Watch] = {}
         self.on_watch_online: Callable[[Watch], None] | None = None
-        self._ids = itertools.count(1)
+        bus.bind(self)
 
     # ---- devices -------------------------------------------------------------------------
 
+    def device(self, connection_id: str) -> DeviceLink | None:
+        return self._devices.get(connection_id)
+
+    def links(self) -> list[DeviceLink]:
+        return list(self._devices.values())
+
     def link(self, connection_id: str, org_id: str, device_id: str, connection_name: str) -> DeviceLink:
-        link = self.devices.get(connection_id)
+        link = self._devices.get(connection_id)
         if link is None:
             link = DeviceLink(
                 connection_id=connection_id,
@@ -395,12 +192,19 @@ class Hub:
                 device_id=device_id,
                 connection_name=connection_name,
                 reorder=ReorderBuffer(self.reorder_wait_ms),
+                lease=Lease(self.grace_seconds),
             )
-            self.devices[connection_id] = link
+            self._devices[connection_id] = link
         return link
 
+    def forget(self, link: DeviceLink) -> bool:
+        if self._devices.get(link.connection_id) is not link:
+            return False
+        del self._devices[link.connection_id]
+        return True
+
     async def apply(self, actions: Sequence[object]) -> None:
-        """Carry out what the pairing machine decided (sends, then closes)."""
+        """Carry out the socket actions the pairing decided (sends and closes, in order)."""
         for action in actions:
             if isinstance(action, Send):
                 await action.socket.send(action.text)
@@ -410,11 +214,10 @@ class Hub:
     def device_frame(self, link: DeviceLink, frame: Frame) -> None:
         """A non-transport frame from a device: put it in order and publish it."""
         if frame.event_seq is None:
-            self._publish(link, frame, gap_before=False)
+            self.publish(link.connection_id, DeviceEvent(frame=frame))
             return
-        now = now_ms()
-        for released in link.reorder.push(frame.event_seq, frame, now):
-            self._publish(link, released.item, released.gap_before)
+        for released in link.reorder.push(frame.event_seq, frame, now_ms()):
+            self.publish(link.connection_id, DeviceEvent(frame=released.item, gap_before=released.gap_before))
         self._arm_reorder(link)
 
     def _arm_reorder(self, link: DeviceLink) -> None:
@@ -424,44 +227,79 @@ class Hub:
         delay = max(0.0, (deadline - now_ms()) / 1000)
         link.reorder_timer = asyncio.get_running_loop().call_later(delay, self._reorder_due, link)
 
-    def _reorder_due(self, link: DeviceLink) -> None:
+    def _reorder_due(self, link: DeviceLink, until: float | None = None) -> None:
         link.reorder_timer = None
-        for released in link.reorder.expire(now_ms()):
-            self._publish(link, released.item, released.gap_before)
-        self._arm_reorder(link)
+        for released in link.reorder.expire(now_ms() if until is None else until):
+            self.publish(link.connection_id, DeviceEvent(frame=released.item, gap_before=released.gap_before))
+        if until is None:
+            self._arm_reorder(link)
 
     def flush_reorder(self, link: DeviceLink) -> None:
         """Release everything held (the device dropped: nothing more will fill the holes)."""
         if link.reorder_timer is not None:
             link.reorder_timer.cancel()
-            link.reorder_timer = None
-        for released in link.reorder.expire(float("inf")):
-            self._publish(link, released.item, released.gap_before)
-
-    def _publish(self, link: DeviceLink, frame: Frame, gap_before: bool) -> None:
-        self.publish(link.connection_id, DeviceEvent(frame=frame, gap_before=gap_before))
+        self._reorder_due(link, until=float("inf"))
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
         """To this pod's watchers directly, and through the bus to every other pod's."""
         self.on_device_event(connection_id, event)
         self.bus.publish(connection_id, event)
 
+    # ---- commands to devices -------------------------------------------------------------
+
+    async def owner_of(self, connection_id: str) -> str | None:
+        live = (await self.live.lookup([connection_id])).get(connection_id)
+        if live is None or not is_online(live, now_ms(), self.offline_after_ms):
+            return None
+        return live.pod_id
+
+    async def send_to_device(self, connection_id: str, text: str) -> bool:
+        """Write `text` to the device's control socket, wherever it is held; True once written.
+
+        The owner comes from this pod's own links first, then from the watch's cached answer, and
+        only then from live state (a Redis round trip in a cluster). A cached owner that no longer
+        holds the device refuses the write; the send then asks live state once more."""
+        if self.write_to_device_now(connection_id, text):
+            return True  # held here and written at once: the common case, without a timer
+        try:
+            async with asyncio.timeout(self.send_timeout_seconds):
+                return await self._route(connection_id, text)
+        except TimeoutError:
+            return False
+
+    async def _route(self, connection_id: str, text: str) -> bool:
+        link = self._devices.get(connection_id)
+        if link is not None and link.ready:
+            return await self.write_to_device(connection_id, text)
+        watch = self._watches.get(connection_id)
+        cached = watch.cached_owner(now_ms()) if watch is not None else None
+        if cached is not None:
+            if await self.bus.send_to_device(connection_id, cached, text):
+                return True
+            assert watch is not None
+            watch.cache_owner(None, 0)
+        owner = await self.owner_of(connection_id)
+        if owner is None or owner == cached:
+            return False
+        if watch is not None:
+            watch.cache_owner(owner, now_ms() + OWNER_CACHE_MS)
+        return await self.bus.send_to_device(connection_id, owner, text)
+
     # ---- BusHandler ----------------------------------------------------------------------
 
     async def write_to_device(self, connection_id: str, text: str) -> bool:
-        link = self.devices.get(connection_id)
-        if link is None or not link.ready or link.pairing.control is None:
-            return False
-        return await link.pairing.control.send(text)
+        link = self._devices.get(connection_id)
+        control = link.lease.pairing.control if link is not None and link.ready else None
+        return control is not None and await control.send(text)
 
     def write_to_device_now(self, connection_id: str, text: str) -> bool:
         """`write_to_device` without awaiting, for a device held here whose socket takes it at once."""
-        link = self.devices.get(connection_id)
-        control = link.pairing.control if link is not None and link.ready else None
+        link = self._devices.get(connection_id)
+        control = link.lease.pairing.control if link is not None and link.ready else None
         return control is not None and control.send_nowait(text)
 
     def on_device_event(self, connection_id: str, event: DeviceEvent) -> None:
-        watch = self.watches.get(connection_id)
+        watch = self._watches.get(connection_id)
         if watch is None:
             return
         if event.frame is not None:
@@ -473,42 +311,54 @@ class Hub:
             for listener in list(watch.listeners):
                 listener.on_device_state(connection_id, event.state)
             if event.state is DeviceState.OFFLINE:
-                asyncio.get_running_loop().create_task(self.close_watch(watch, "environment offline"))
+                self.tasks.spawn(self.close_watch(watch, "environment offline"))
             elif came_back and self.on_watch_online is not None:
                 self.on_watch_online(watch)
 
     async def close_device(self, connection_id: str, code: int, reason: str) -> bool:
-        link = self.devices.get(connection_id)
+        link = self._devices.get(connection_id)
         if link is None:
             return False
-        link.replaced = True
-        for sock in link.pairing.sockets():
-            await sock.close(code, reason)
+        await self.apply(link.lease.close_all(code, reason))
         return True
 
-    # ---- relay sockets -------------------------------------------------------------------
+    # ---- watches -------------------------------------------------------------------------
 
-    def watch(self, connection_id: str) -> tuple[Watch, bool]:
-        watch = self.watches.get(connection_id)
-        created = watch is None
-        if watch is None:
-            watch = Watch(connection_id)
-            self.watches[connection_id] = watch
-        return watch, created
+    def watch_of(self, connection_id: str) -> Watch | None:
+        return self._watches.get(connection_id)
 
-    async def close_watch(self, watch: Watch, reason: str) -> None:
-        for sock in list(watch.sockets):
-            await sock.close(closes.DEVICE_OFFLINE, reason)
-        for sock in list(watch.detached.values()):
-            sock.stop_writer()
-        watch.sockets.clear()
-        watch.detached.clear()
-        watch.members.clear()
-        watch.feeds.clear()
-        watch.requests.clear()
-        if watch.empty and self.watches.get(watch.connection_id) is watch:
-            del self.watches[watch.connection_id]
+    def watches(self) -> list[Watch]:
+        return list(self._watches.values())
+
+    async def watch(self, connection_id: str) -> Watch:
+        """The connection's watch, subscribing this pod to its events on the bus when new."""
+        watch = self._watches.get(connection_id)
+        if watch is not None:
+            return watch
+        watch = Watch(connection_id)
+        self._watches[connection_id] = watch
+        await self.bus.watch(connection_id)
+        link = self._devices.get(connection_id)
+        if link is not None and not link.ready:
+            watch.state = DeviceState.AWAY  # so its return re-subscribes this watch's scopes
+        return watch
+
+    async def release(self, watch: Watch) -> None:
+        """Drop the watch once nothing uses it, and its bus subscription with it."""
+        if watch.empty and self._watches.get(watch.connection_id) is watch:
+            del self._watches[watch.connection_id]
             await self.bus.unwatch(watch.connection_id)
 
-    def refuse(self, sock: ClientSocket, request_id: str | None, message: str) -> None:
-        sock.push(error_frame(request_id, message))
+    async def listen(self, connection_id: str, listener: FrameListener) -> None:
+        (await self.watch(connection_id)).listeners.add(listener)
+
+    async def unlisten(self, connection_id: str, listener: FrameListener) -> None:
+        watch = self._watches.get(connection_id)
+        if watch is not None:
+            watch.listeners.discard(listener)
+            await self.release(watch)
+
+    async def close_watch(self, watch: Watch, reason: str) -> None:
+        for sock in watch.clear():
+            await sock.close(closes.DEVICE_OFFLINE, reason)
+        await self.release(watch)

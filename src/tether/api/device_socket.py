@@ -9,11 +9,12 @@ from fastapi import APIRouter, WebSocket
 
 from tether.api.auth import bearer
 from tether.api.transport import WsTransport
-from tether.hub import DeviceLink, DeviceSocket
-from tether.node import LeaseRefused, Node
+from tether.node import Node
+from tether.ops.leases import DeviceSession, LeaseRefused
 from tether.protocol import closes
 from tether.protocol.frames import FrameError, decode
 from tether.protocol.pairing import Channel, Hello
+from tether.sockets import DeviceSocket
 
 log = logging.getLogger("tether.device_socket")
 router = APIRouter()
@@ -42,7 +43,7 @@ def _hello(params: dict[str, str]) -> Hello | None:
     return Hello(channel, generation, attempt)
 
 
-async def _receive(ws: WebSocket, node: Node, link: DeviceLink, sock: DeviceSocket) -> bool:
+async def _receive(ws: WebSocket, session: DeviceSession) -> bool:
     """Take and handle one message; False once the socket is gone. A function of its own so that
     nothing of a frame outlives its handling: the socket's loop then waits (for hours, between
     pings) holding no frame; the last status frame was about 3 KiB of every idle device's memory."""
@@ -52,21 +53,22 @@ async def _receive(ws: WebSocket, node: Node, link: DeviceLink, sock: DeviceSock
     data = message.get("text")
     if data is None:
         data = message.get("bytes")
-    if data is None or sock.closed:
+    if data is None or session.sock.closed:
         return True
     if data == PING:
         # Most of a device's traffic: answered without parsing (devices send exactly this).
-        await node.device_ping(link, sock)
+        await session.ping()
         return True
     try:
         frame = decode(data)
     except FrameError as exc:
-        node.counters.device_malformed_frames += 1
-        dropped = node.counters.device_malformed_frames
+        dropped = session.malformed()
         if dropped <= 3 or dropped % 100 == 0:
-            log.warning("dropped malformed frame #%d (device %s): %s", dropped, link.connection_id, exc)
+            log.warning(
+                "dropped malformed frame #%d (device %s): %s", dropped, session.link.connection_id, exc
+            )
         return True
-    await node.device_frame(link, sock, frame)
+    await session.receive(frame)
     return True
 
 
@@ -88,16 +90,16 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
         await ws.close(closes.BAD_HELLO, "invalid channel, connectionGeneration or connectionAttempt")
         return
     try:
-        link = await node.open_lease(principal, connection_id, hello)
+        link = await node.leases.open(principal, connection_id, hello)
     except LeaseRefused as refused:
         await ws.close(closes.LEASE_UNKNOWN, refused.reason)
         return
     transport = WsTransport(ws)
     transport.release_handshake()
-    sock = DeviceSocket(transport, node.settings.device_queue_frames)
-    await node.device_opened(link, sock, hello)
+    session = node.leases.session(link, DeviceSocket(transport, node.settings.device_queue_frames))
+    await session.opened(hello)
     try:
-        while await _receive(ws, node, link, sock):
+        while await _receive(ws, session):
             pass
     finally:
-        await node.device_closed(link, sock)
+        await session.closed()

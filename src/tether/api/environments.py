@@ -25,8 +25,8 @@ from tether.api.schemas import (
     TeleportResponse,
 )
 from tether.clock import now_ms
+from tether.ops.teleports import TeleportError, render
 from tether.store.base import Principal, UnknownCursor
-from tether.teleports import TeleportError, render
 
 router = APIRouter(prefix="/v1/environments", tags=["environments"])
 Caller = Annotated[Principal, Depends(require_principal)]
@@ -106,7 +106,7 @@ async def register(body: RegisterRequest, request: Request, caller: Caller) -> J
         raise ApiError(
             400, "METADATA_TOO_LARGE", f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes"
         )
-    return Json(await node.register(caller, payload, ws_base(request)))
+    return Json(await node.environments.register(caller, payload, ws_base(request)))
 
 
 @router.get("", response_model=EnvironmentList, responses=_ERRORS)
@@ -138,7 +138,7 @@ async def list_environments(
         return Json({"connections": [], "hasNextPage": False})
     node = node_of(request)
     try:
-        rows, more = await node.list_environments(
+        rows, more = await node.environments.page(
             caller.org_id, page_size, after or None, userId, online_only
         )
     except UnknownCursor:
@@ -157,13 +157,13 @@ async def send_message(
 ) -> Json:
     """Hand messages to the device holding this lease. `success` means written to its socket."""
     node = node_of(request)
-    row = await node.relay_target(caller, connectionId)
+    row = await node.environments.in_org(caller, connectionId)
     if row is None:
         raise ApiError(404, "CONNECTION_NOT_FOUND", f"no connection {connectionId!r} in this organization")
     raw = await _json_object(request)  # forwarded untouched, not as re-serialised by the model
     forwarded: dict[str, Any] = {k: raw[k] for k in ("agentId", "conversationId", "messages") if k in raw}
     _ = body
-    outcome = await node.send_message(caller, row, forwarded)
+    outcome = await node.sending.send_message(caller, row, forwarded)
     if outcome.duplicate:
         return Json({"success": True, "message": "Message already delivered"})
     if not outcome.delivered:
@@ -229,7 +229,7 @@ async def delete_environment(
 ) -> Response:
     """Delete an environment row by its `id`. A device still connected is closed with 1008 and
     re-registers, creating a fresh row."""
-    if not await node_of(request).delete_environment(caller.org_id, environmentId):
+    if not await node_of(request).environments.delete(caller.org_id, environmentId):
         raise ApiError(404, "ENVIRONMENT_NOT_FOUND", f"no environment with id {environmentId!r}")
     return Response(status_code=204)
 
@@ -245,7 +245,7 @@ async def retrieve_environment(
     prefix = b"/v1/environments/"
     if raw_path.startswith(prefix):
         deviceId = unquote_to_bytes(raw_path[len(prefix) :]).decode("utf-8", "replace")
-    row = await node_of(request).get_environment(caller.org_id, deviceId)
+    row = await node_of(request).environments.get(caller.org_id, deviceId)
     if row is None:
         raise ApiError(404, "ENVIRONMENT_NOT_FOUND", f"no environment with deviceId {deviceId!r}")
     return Json(row)

@@ -10,18 +10,14 @@ from fastapi import APIRouter, WebSocket
 from tether.api.auth import bearer
 from tether.api.errors import error_response
 from tether.api.transport import WsTransport
-from tether.clock import now_ms
 from tether.node import Node
-from tether.protocol import closes
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import FrameError, decode
-from tether.protocol.ratelimit import TokenBucket
 
 log = logging.getLogger("tether.relay_socket")
 router = APIRouter()
 
 SOCKET_ID_HEADER = b"x-tether-socket-id"
-# Closes after which a client will not come back for its history.
 
 
 def _resume_point(socket_id: str | None, after: str | None) -> tuple[str, int] | None:
@@ -43,15 +39,15 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     if principal is None:
         await ws.send_denial_response(error_response(401, "UNAUTHORIZED", "missing or invalid API key"))
         return
-    row = await node.relay_target(principal, connection_id)
-    if row is None:
+    if await node.environments.in_org(principal, connection_id) is None:
         await ws.send_denial_response(
             error_response(
                 404, "CONNECTION_NOT_FOUND", f"no connection {connection_id!r} in this organization"
             )
         )
         return
-    if not await node.device_reachable(connection_id):
+    relays = node.relays
+    if not await relays.reachable(connection_id):
         await ws.send_denial_response(
             error_response(503, "ENVIRONMENT_OFFLINE", "the environment is offline")
         )
@@ -59,20 +55,19 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     scope = Scope(params.get("agentId") or None, params.get("conversationId") or None)
     channel = params.get("channel") or None
     resume = _resume_point(params.get("resume"), params.get("resumeFrom"))
-    if resume is not None and node.can_resume(connection_id, resume[0], principal.key_id):
+    if resume is not None and relays.can_resume(connection_id, resume[0], principal.key_id):
         socket_id = resume[0]
     else:
         socket_id = uuid.uuid4().hex
     # Join the feed before the upgrade completes, so nothing sent after the client sees the socket
     # open is missed; writes start once the socket is accepted.
     transport = WsTransport(ws)
-    sock = await node.relay_opened(principal, connection_id, transport, scope, channel, resume, socket_id)
-    bucket = TokenBucket(node.settings.rate_limit_per_second, node.settings.rate_limit_per_second * 2)
+    session = await relays.open(principal, connection_id, transport, scope, channel, resume, socket_id)
     close_code = 1006
     try:
         await ws.accept(headers=[(SOCKET_ID_HEADER, socket_id.encode())])
         transport.release_handshake()
-        sock.start()
+        session.start()
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -86,16 +81,8 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
             try:
                 frame = decode(data)
             except FrameError as exc:
-                node.relay_error(sock, None, f"malformed frame: {exc}", "malformed_frame")
+                session.malformed(str(exc))
                 continue
-            if frame.type == "ping":
-                node.relay_ping(sock)
-                continue
-            if frame.type == "ack":
-                continue
-            if not bucket.allow(now_ms()):
-                node.relay_error(sock, frame.request_id, "rate limit exceeded; slow down", "rate_limited")
-                continue
-            await node.relay_command(sock, frame)
+            await session.receive(frame)
     finally:
-        await node.relay_closed(sock, resumable=close_code not in closes.RELAY_FINAL)
+        await session.closed(close_code)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tether.clock import now_ms
+from tether.hub import Hub
+from tether.livestate.base import LiveState
+from tether.ops.environments import Environments
 from tether.protocol.events import DeviceState
 from tether.protocol.frames import Frame, encode
 from tether.protocol.teleport import (
@@ -23,10 +26,8 @@ from tether.protocol.teleport import (
     Side,
     Teleport,
 )
-from tether.store.base import EnvironmentRow, Principal, TeleportRow
-
-if TYPE_CHECKING:
-    from tether.node import Node
+from tether.store.base import EnvironmentRow, Principal, Store, TeleportRow
+from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.teleports")
 
@@ -62,8 +63,14 @@ def render(row: TeleportRow, now: int) -> dict[str, Any]:
 
 
 class Teleports:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self, store: Store, live: LiveState, hub: Hub, environments: Environments, tasks: TaskSet
+    ) -> None:
+        self.store = store
+        self.live = live
+        self.hub = hub
+        self.environments = environments
+        self.tasks = tasks
         self.active: dict[str, Teleport] = {}
         self._by_connection: dict[str, set[str]] = {}
         self._write_locks: dict[str, asyncio.Lock] = {}
@@ -77,18 +84,56 @@ class Teleports:
         idempotency_key: str | None,
         source_connection_id: str | None,
     ) -> TeleportRow:
-        node = self.node
         if idempotency_key is not None:
-            existing = await node.store.find_teleport_by_key(principal.org_id, idempotency_key)
+            existing = await self.store.find_teleport_by_key(principal.org_id, idempotency_key)
             if existing is not None:
                 return existing
-        target = await node.relay_target(principal, target_connection_id)
-        if target is None or await node.owner_of(target_connection_id) is None:
+        source, target = await self._endpoints(
+            principal, agent_id, conversation_id, source_connection_id, target_connection_id
+        )
+        now = now_ms()
+        row = TeleportRow(
+            id=f"teleport-{uuid.uuid4().hex}",
+            org_id=principal.org_id,
+            agent_id=agent_id,
+            conversation_id=conversation_id,
+            source_connection_id=_endpoint(source).connection_id,
+            target_connection_id=target_connection_id,
+            target_device_id=target.device_id,
+            target_connection_name=target.connection_name,
+            status="waiting_for_source",
+            error=None,
+            idempotency_key=idempotency_key,
+            created_at=now,
+            updated_at=now,
+        )
+        stored = await self.store.create_teleport(row)
+        if stored.id != row.id:
+            return stored  # a concurrent request with the same idempotency key won
+        machine = Teleport(row.id, agent_id, conversation_id, _endpoint(source), _endpoint(target))
+        self.active[row.id] = machine
+        for conn in (row.source_connection_id, target_connection_id):
+            await self.hub.listen(conn, self)
+            self._by_connection.setdefault(conn, set()).add(row.id)
+        await self._run(machine, machine.start(now))
+        return stored
+
+    async def _endpoints(
+        self,
+        principal: Principal,
+        agent_id: str,
+        conversation_id: str,
+        source_connection_id: str | None,
+        target_connection_id: str,
+    ) -> tuple[EnvironmentRow, EnvironmentRow]:
+        """Both ends, online and in the caller's organization, or the TeleportError saying which is not."""
+        target = await self.environments.in_org(principal, target_connection_id)
+        if target is None or await self.hub.owner_of(target_connection_id) is None:
             raise TeleportError(
                 409, "INVALID_TARGET", "the target environment is not online in this organization"
             )
         if source_connection_id is None:
-            source_connection_id = await node.live.runtime_location(
+            source_connection_id = await self.live.runtime_location(
                 principal.org_id, agent_id, conversation_id
             )
         if source_connection_id is None:
@@ -97,8 +142,8 @@ class Teleports:
                 "RUNTIME_NOT_FOUND",
                 "no environment is known to run this conversation; pass sourceConnectionId",
             )
-        source = await node.relay_target(principal, source_connection_id)
-        if source is None or await node.owner_of(source_connection_id) is None:
+        source = await self.environments.in_org(principal, source_connection_id)
+        if source is None or await self.hub.owner_of(source_connection_id) is None:
             raise TeleportError(409, "SOURCE_OFFLINE", "the environment running this conversation is offline")
         if source_connection_id == target_connection_id:
             raise TeleportError(
@@ -109,35 +154,7 @@ class Teleports:
                 raise TeleportError(
                     409, "TELEPORT_CONFLICT", f"teleport {other.id} for this conversation is in progress"
                 )
-        now = now_ms()
-        row = TeleportRow(
-            id=f"teleport-{uuid.uuid4().hex}",
-            org_id=principal.org_id,
-            agent_id=agent_id,
-            conversation_id=conversation_id,
-            source_connection_id=source_connection_id,
-            target_connection_id=target_connection_id,
-            target_device_id=target.device_id,
-            target_connection_name=target.connection_name,
-            status="waiting_for_source",
-            error=None,
-            idempotency_key=idempotency_key,
-            created_at=now,
-            updated_at=now,
-        )
-        stored = await node.store.create_teleport(row)
-        if stored.id != row.id:
-            return stored  # a concurrent request with the same idempotency key won
-        machine = Teleport(row.id, agent_id, conversation_id, _endpoint(source), _endpoint(target))
-        self.active[row.id] = machine
-        for conn in (source_connection_id, target_connection_id):
-            watch, created = node.hub.watch(conn)
-            if created:
-                await node.bus.watch(conn)
-            watch.listeners.add(self)
-            self._by_connection.setdefault(conn, set()).add(row.id)
-        await self._run(machine, machine.start(now))
-        return stored
+        return source, target
 
     # FrameListener
     def on_device_frame(self, connection_id: str, frame: Frame) -> None:
@@ -149,7 +166,7 @@ class Teleports:
                 before = machine.status
                 commands = machine.on_frame(side, frame, now_ms())
                 if commands or machine.status != before:
-                    asyncio.get_running_loop().create_task(self._run(machine, commands))
+                    self.tasks.spawn(self._run(machine, commands))
 
     def on_device_state(self, connection_id: str, state: DeviceState) -> None:
         if state is not DeviceState.OFFLINE:
@@ -159,25 +176,25 @@ class Teleports:
             if machine is None:
                 continue
             for side in _sides(machine, connection_id):
-                asyncio.get_running_loop().create_task(self._run(machine, machine.on_device_gone(side)))
+                self.tasks.spawn(self._run(machine, machine.on_device_gone(side)))
 
     def tick(self, now: int) -> None:
         for machine in list(self.active.values()):
             deadline = machine.deadline()
             if deadline is not None and now >= deadline:
-                asyncio.get_running_loop().create_task(self._run(machine, machine.on_timeout(now)))
+                self.tasks.spawn(self._run(machine, machine.on_timeout(now)))
 
     async def _run(self, machine: Teleport, commands: list[Command]) -> None:
         for command in commands:
             conn = machine.source.connection_id if command.to == "source" else machine.target.connection_id
-            if not await self.node.send_to_device(conn, encode(command.frame)) and command.to == "target":
+            if not await self.hub.send_to_device(conn, encode(command.frame)) and command.to == "target":
                 commands_after = machine.on_device_gone("target")
                 for after in commands_after:
-                    await self.node.send_to_device(machine.source.connection_id, encode(after.frame))
+                    await self.hub.send_to_device(machine.source.connection_id, encode(after.frame))
         # Several steps may be in flight at once (a fast target answers before the previous step's
         # write lands); writing under one lock, with the status as it is then, keeps the last write last.
         async with self._write_locks.setdefault(machine.id, asyncio.Lock()):
-            await self.node.store.update_teleport(machine.id, machine.status, machine.error, now_ms())
+            await self.store.update_teleport(machine.id, machine.status, machine.error, now_ms())
         if machine.finished:
             self._forget(machine)
 
@@ -191,11 +208,7 @@ class Teleports:
             ids.discard(machine.id)
             if not ids:
                 del self._by_connection[conn]
-                watch = self.node.hub.watches.get(conn)
-                if watch is not None:
-                    watch.listeners.discard(self)
-                    if watch.empty:
-                        asyncio.get_running_loop().create_task(self.node.unwatch_if_idle(watch))
+                self.tasks.spawn(self.hub.unlisten(conn, self))
 
 
 def _endpoint(row: EnvironmentRow) -> Endpoint:

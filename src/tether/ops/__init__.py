@@ -1,0 +1,1 @@
+"""The router's operations, one module each; `node.py` wires them."""
