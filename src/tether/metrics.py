@@ -41,7 +41,7 @@ _HELP = {
 }
 
 
-def render(counters: Counters, gauges: dict[str, tuple[str, float]], pod_id: str) -> str:
+def exposition(counters: Counters, gauges: dict[str, tuple[str, float]], pod_id: str) -> str:
     lines: list[str] = []
     label = f'{{pod="{pod_id}"}}'
     for f in fields(counters):

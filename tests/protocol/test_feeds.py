@@ -68,7 +68,7 @@ def test_the_unscoped_scope_sees_everything() -> None:
 def test_a_scoped_feed_renumbers_contiguously_and_keeps_everything_else() -> None:
     feed = Feed(Scope("agent-1", "conv-1"))
     frames = [event(n, "agent-1", "conv-1") for n in (40, 43, 47)]
-    out = [feed.render(f, losses=0) for f in frames]
+    out = [feed.text_for(f, losses=0) for f in frames]
     assert numbers(out) == [1, 2, 3]
     for frame, text in zip(frames, out, strict=True):
         body = orjson.loads(text)
@@ -84,8 +84,8 @@ def test_frames_without_event_seq_pass_through_a_scoped_feed_untouched() -> None
         '{"type":"sync_response", "request_id":"r1","success":true,'
         '"runtime":{"agent_id":"agent-1","conversation_id":"conv-1"}}'
     )
-    assert feed.render(reply, losses=5) == reply.text
-    assert numbers([feed.render(event(9, "agent-1", "conv-1"), losses=5)]) == [1]
+    assert feed.text_for(reply, losses=5) == reply.text
+    assert numbers([feed.text_for(event(9, "agent-1", "conv-1"), losses=5)]) == [1]
 
 
 def test_the_unscoped_feed_passes_text_through_byte_for_byte() -> None:
@@ -95,8 +95,8 @@ def test_the_unscoped_feed_passes_text_through_byte_for_byte() -> None:
         '"runtime": {"agent_id": "a", "conversation_id": "c"}, "x": 1.50}'
     )
     frame = decode(text)
-    assert feed.render(frame, losses=0) is frame.text
-    assert feed.render(frame, losses=3) == text, (
+    assert feed.text_for(frame, losses=0) is frame.text
+    assert feed.text_for(frame, losses=3) == text, (
         "device numbers, holes included, reach unscoped sockets as sent"
     )
 
@@ -110,7 +110,7 @@ def test_two_interleaved_conversations_give_each_scoped_feed_a_gapless_sequence(
         frame = event(n, "agent-1", "conv-a" if n % 3 else "conv-b")
         for feed in seen:
             if feed.scope.matches(frame):
-                seen[feed].append(feed.render(frame, losses=0))
+                seen[feed].append(feed.text_for(frame, losses=0))
     for texts in seen.values():
         assert numbers(texts) == list(range(1, len(texts) + 1))
     assert [orjson.loads(t)["device_event_seq"] for t in seen[agent_wide]] == list(range(1, 41))
@@ -128,7 +128,7 @@ def test_a_real_loss_leaves_exactly_one_hole_in_every_feed() -> None:
         frame = event(n, "agent-1", "conv-a" if n % 2 else "conv-b")
         for feed in out:
             if feed.scope.matches(frame):
-                out[feed].append(feed.render(frame, losses))
+                out[feed].append(feed.text_for(frame, losses))
     for texts in out.values():
         got = numbers(texts)
         holes = [(x, y) for x, y in pairwise(got) if y != x + 1]
@@ -138,16 +138,16 @@ def test_a_real_loss_leaves_exactly_one_hole_in_every_feed() -> None:
 
 def test_a_loss_while_a_feed_sees_nothing_still_shows_at_its_next_frame() -> None:
     a = Feed(Scope("agent-1", "conv-a"))
-    first = a.render(event(1, "agent-1", "conv-a"), losses=0)
+    first = a.text_for(event(1, "agent-1", "conv-a"), losses=0)
     # conv-b frames flow (not this feed's), a loss happens among them, then conv-a speaks again.
-    second = a.render(event(30, "agent-1", "conv-a"), losses=1)
-    third = a.render(event(31, "agent-1", "conv-a"), losses=1)
+    second = a.text_for(event(30, "agent-1", "conv-a"), losses=1)
+    third = a.text_for(event(31, "agent-1", "conv-a"), losses=1)
     assert numbers([first, second, third]) == [1, 3, 4]
 
 
 def test_several_losses_between_two_frames_make_one_hole() -> None:
     a = Feed(Scope("agent-1", "conv-a"))
-    out = [a.render(event(1, "agent-1", "conv-a"), 0), a.render(event(50, "agent-1", "conv-a"), 4)]
+    out = [a.text_for(event(1, "agent-1", "conv-a"), 0), a.text_for(event(50, "agent-1", "conv-a"), 4)]
     assert numbers(out) == [1, 3]
 
 
@@ -155,9 +155,9 @@ def test_a_feed_opened_after_earlier_losses_starts_at_one() -> None:
     """Regression: the connection's loss counter predates this feed; its clients saw nothing before
     it, so its first frame must not look like it follows a hole."""
     late = Feed(Scope("agent-1", "conv-a"))
-    out = [late.render(event(n, "agent-1", "conv-a"), losses=3) for n in (90, 91)]
+    out = [late.text_for(event(n, "agent-1", "conv-a"), losses=3) for n in (90, 91)]
     assert numbers(out) == [1, 2]
-    assert numbers([late.render(event(95, "agent-1", "conv-a"), losses=4)]) == [4]
+    assert numbers([late.text_for(event(95, "agent-1", "conv-a"), losses=4)]) == [4]
 
 
 @settings(max_examples=200, deadline=None)
@@ -185,7 +185,7 @@ def test_renumbered_feeds_have_holes_exactly_where_losses_happened(
         if pending_loss[conv] and rendered[conv]:
             expected_holes[conv] += 1
         pending_loss[conv] = False
-        body = orjson.loads(feed.render(frame, losses))
+        body = orjson.loads(feed.text_for(frame, losses))
         assert body["device_event_seq"] == n
         rendered[conv].append(body["event_seq"])
     for conv, got in rendered.items():

@@ -25,7 +25,7 @@ from tether.api.schemas import (
     TeleportResponse,
 )
 from tether.clock import now_ms
-from tether.ops.teleports import TeleportError, render
+from tether.ops.teleports import TeleportError, teleport_json
 from tether.store.base import Principal, UnknownCursor
 
 router = APIRouter(prefix="/v1/environments", tags=["environments"])
@@ -200,7 +200,7 @@ async def teleport(
         )
     except TeleportError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    return Json(render(row, now_ms()), status_code=202)
+    return Json(teleport_json(row, now_ms()), status_code=202)
 
 
 @router.get(
@@ -218,7 +218,7 @@ async def get_teleport(
     row = await node_of(request).store.get_teleport(caller.org_id, teleportId)
     if row is None or row.agent_id != agentId or row.conversation_id != conversationId:
         raise ApiError(404, "TELEPORT_NOT_FOUND", f"no teleport {teleportId!r} for this conversation")
-    return Json(render(row, now_ms()))
+    return Json(teleport_json(row, now_ms()))
 
 
 @router.delete("/{environmentId}", status_code=204, responses=_ERRORS)

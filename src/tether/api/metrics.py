@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse
 
 from tether.api.auth import node_of
-from tether.metrics import render
+from tether.metrics import exposition
 
 router = APIRouter(tags=["health"])
 
@@ -16,5 +16,5 @@ async def metrics(request: Request) -> PlainTextResponse:
     """Counters since start and current gauges for this pod (no secrets, no per-tenant data)."""
     node = node_of(request)
     return PlainTextResponse(
-        render(node.counters, node.gauges(), node.pod_id), media_type="text/plain; version=0.0.4"
+        exposition(node.counters, node.gauges(), node.pod_id), media_type="text/plain; version=0.0.4"
     )

@@ -81,14 +81,16 @@ class Environments:
             return None
         return row
 
-    async def render(self, rows: list[EnvironmentRow]) -> list[dict[str, Any]]:
+    async def as_json(self, rows: list[EnvironmentRow]) -> list[dict[str, Any]]:
         leases = [r.connection_id for r in rows if r.connection_id]
         live = await self.live.lookup(leases) if leases else {}
         pods = await self.live.live_pods() if live else set()
         now = now_ms()
-        return [self._render(row, live.get(row.connection_id or ""), pods, now) for row in rows]
+        return [self._row_json(row, live.get(row.connection_id or ""), pods, now) for row in rows]
 
-    def _render(self, row: EnvironmentRow, live: Liveness | None, pods: set[str], now: int) -> dict[str, Any]:
+    def _row_json(
+        self, row: EnvironmentRow, live: Liveness | None, pods: set[str], now: int
+    ) -> dict[str, Any]:
         online = is_online(live, now, self.offline_after_ms, live is not None and live.pod_id in pods)
         last_heartbeat = live.last_heartbeat if live is not None else row.last_heartbeat
         last_seen = max(row.last_seen_at, last_heartbeat or 0)
@@ -115,7 +117,7 @@ class Environments:
     ) -> tuple[list[dict[str, Any]], bool]:
         if not online_only:
             rows = await self.store.list_environments(ListQuery(org_id, limit + 1, after, user_id))
-            rendered = await self.render(rows[:limit])
+            rendered = await self.as_json(rows[:limit])
             return rendered, len(rows) > limit
         # Rows a pod claims are candidates; the exact online rule (heartbeat age, pod alive) is
         # applied here, fetching further batches when some candidates turn out stale.
@@ -127,7 +129,7 @@ class Environments:
             )
             if not batch:
                 break
-            found.extend(r for r in await self.render(batch) if r["connectionId"] is not None)
+            found.extend(r for r in await self.as_json(batch) if r["connectionId"] is not None)
             cursor = batch[-1].id
             if len(batch) <= limit:
                 break
@@ -137,7 +139,7 @@ class Environments:
         rows = await self.store.get_by_device(org_id, device_id)
         if not rows:
             return None
-        rendered = await self.render(rows)
+        rendered = await self.as_json(rows)
         # Several listener slots may share a device: prefer the online one with the freshest heartbeat.
         return max(
             rendered,

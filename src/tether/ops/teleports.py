@@ -43,7 +43,7 @@ class TeleportError(Exception):
         self.message = message
 
 
-def render(row: TeleportRow, now: int) -> dict[str, Any]:
+def teleport_json(row: TeleportRow, now: int) -> dict[str, Any]:
     status, error = row.status, row.error
     if status not in ("completed", FAILED) and now - row.updated_at > ORPHAN_AFTER_MS:
         status, error = FAILED, "the router pod orchestrating this teleport went away"

@@ -131,6 +131,6 @@ class Fanout(Generic[M]):
         out: list[tuple[M, str]] = []
         for scope, feed in self.feeds.items():
             if scope.matches(frame):
-                text = feed.render(frame, self.losses)
+                text = feed.text_for(frame, self.losses)
                 out.extend((member, text) for member in self._members[scope])
         return out

@@ -42,7 +42,7 @@ class Feed:
         self.next_event_seq = 1
         self.losses_seen = 0
 
-    def render(self, frame: Frame, losses: int) -> str:
+    def text_for(self, frame: Frame, losses: int) -> str:
         """The text this feed carries for a matching frame (before the per-socket `seq`)."""
         if self.scope.unscoped or frame.event_seq is None:
             return frame.text
