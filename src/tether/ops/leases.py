@@ -24,11 +24,9 @@ from tether.protocol.frames import PONG, Frame
 from tether.protocol.lease import (
     Action,
     ArmTimer,
-    CancelTimer,
-    FlushReorder,
-    Forget,
     Greet,
     Publish,
+    Step,
     WriteAway,
     WriteOnline,
     WriteRowOffline,
@@ -135,11 +133,11 @@ class Leases:
                 link.away_timer = asyncio.get_running_loop().call_later(
                     action.seconds, self._timer_fired, link
                 )
-            elif isinstance(action, CancelTimer):
+            elif action is Step.CANCEL_TIMER:
                 self._cancel_timer(link)
-            elif isinstance(action, FlushReorder):
+            elif action is Step.FLUSH_REORDER:
                 self.hub.flush_reorder(link)
-            elif isinstance(action, Forget) and self.hub.forget(link):
+            elif action is Step.FORGET and self.hub.forget(link):
                 self.statuses.forget(link.connection_id)
 
     def _publish(self, link: DeviceLink, state: DeviceState) -> None:

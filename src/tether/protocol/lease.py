@@ -8,12 +8,12 @@ quick disconnect and reconnect overlap in, the last word written and published i
 
     state (ready, written)  | input             | actions
     any                     | opened / closed   | the pairing's sends and closes
-    pair becomes ready      | (Ready)           | CancelTimer; WriteOnline (row first if not
+    pair becomes ready      | (Ready)           | CANCEL_TIMER; WriteOnline (row first if not
                             |                   | connected there); on `written`: Greet, Publish ONLINE
-    pair lost               | (Lost)            | FlushReorder; WriteAway; on `written`: Publish AWAY,
-                            |                   | ArmTimer(grace), or, replaced: Forget + row + OFFLINE,
+    pair lost               | (Lost)            | FLUSH_REORDER; WriteAway; on `written`: Publish AWAY,
+                            |                   | ArmTimer(grace), or, replaced: FORGET + row + OFFLINE,
                             |                   | or, draining: row disconnected, no timer
-    away, no socket back    | timer_fired       | Forget, WriteRowOffline, Publish OFFLINE
+    away, no socket back    | timer_fired       | FORGET, WriteRowOffline, Publish OFFLINE
     ready, silent           | check_silence     | Close(HEARTBEAT_TIMEOUT) each socket
     any                     | revoke / close_all| replaced: never let in again from memory
 """
@@ -21,6 +21,7 @@ quick disconnect and reconnect overlap in, the last word written and published i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Generic, TypeVar
 
 from tether.protocol import closes
@@ -70,19 +71,10 @@ class ArmTimer:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class CancelTimer:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class FlushReorder:
-    """Release the frames held for ordering: nothing more will fill their holes."""
-
-
-@dataclass(frozen=True, slots=True)
-class Forget:
-    """The lease is offline: this pod drops it."""
+class Step(Enum):
+    CANCEL_TIMER = "cancel the grace timer"
+    FLUSH_REORDER = "release the frames held for ordering: nothing more will fill their holes"
+    FORGET = "the lease is offline: this pod drops it"
 
 
 Action = (
@@ -95,9 +87,7 @@ Action = (
     | Greet[S]
     | Publish
     | ArmTimer
-    | CancelTimer
-    | FlushReorder
-    | Forget
+    | Step
 )
 
 
@@ -190,7 +180,7 @@ class Lease(Generic[S]):
                 self._greetings.append(action)
             elif isinstance(action, Lost):
                 self._losses += 1
-                actions.append(FlushReorder())
+                actions.append(Step.FLUSH_REORDER)
             elif not isinstance(action, Ready):
                 actions.append(action)
         if ready:
@@ -200,7 +190,7 @@ class Lease(Generic[S]):
             actions.append(Ready())
             if self._timer:
                 self._timer = False
-                actions.append(CancelTimer())
+                actions.append(Step.CANCEL_TIMER)
         if ready or self._losses:
             actions.extend(self._sync(now))
         return actions
@@ -246,7 +236,7 @@ class Lease(Generic[S]):
 
     def _go_offline(self) -> list[Action[S]]:
         self.offline = True
-        return [Forget(), *self._row_offline(), Publish(DeviceState.OFFLINE)]
+        return [Step.FORGET, *self._row_offline(), Publish(DeviceState.OFFLINE)]
 
     def _row_offline(self) -> list[Action[S]]:
         if not self.row_connected or self._away_since is None:
