@@ -78,6 +78,7 @@ class Leases:
         self.presence = PresenceWriter(store, tasks)
         self.statuses = StatusWriter(store, tasks)
         self.offline_after_ms = int(settings.offline_after_seconds * 1000)
+        self.write_failures = 0
 
     async def open(self, principal: Principal | None, connection_id: str, hello: Hello) -> DeviceLink:
         """The link a device socket joins, or LeaseRefused (the edge closes with 1008)."""
@@ -162,7 +163,16 @@ class Leases:
             else:
                 await self.live.device_disconnected(link.connection_id, self.pod_id)
         except Exception as exc:
-            log.warning("presence of %s not written, retrying: %r", link.connection_id, exc)
+            self.write_failures += 1
+            # Live state down fails every lease's write at once: a few lines, not one per device.
+            if self.write_failures in (1, 10, 100) or self.write_failures % 1000 == 0:
+                log.warning(
+                    "presence not written (%d failures so far; %s retries in %ss): %r",
+                    self.write_failures,
+                    link.connection_id,
+                    PRESENCE_RETRY_SECONDS,
+                    exc,
+                )
             await asyncio.sleep(PRESENCE_RETRY_SECONDS)
             await self.run(link, link.lease.write_failed(now_ms()))
             return
