@@ -18,6 +18,7 @@ LAYERS = {
     "config": 1,
     "metrics": 1,
     "tasks": 1,
+    "redisconn": 1,
     "store": 2,
     "livestate": 2,
     "bus": 2,

@@ -18,14 +18,10 @@ from redis.asyncio import Redis
 from tether.bus.redis import RedisBus
 from tether.clock import now_ms
 from tether.config import Settings
-from tether.livestate.redis import (
-    FLUSH_INTERVAL_SECONDS,
-    LIVE_PODS_CACHE_SECONDS,
-    RedisLiveState,
-    stop_tasks,
-)
+from tether.livestate.redis import FLUSH_INTERVAL_SECONDS, LIVE_PODS_CACHE_SECONDS, RedisLiveState
 from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.frames import decode
+from tether.redisconn.cancel import stop_tasks
 
 pytestmark = pytest.mark.redis
 
@@ -245,14 +241,23 @@ async def test_state_lost_by_redis_is_republished_by_its_owner(cluster: Cluster)
 # ---- bus --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("at_once", [True, False], ids=["socket-takes-it", "socket-busy"])
-async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(
-    cluster: Cluster, at_once: bool
-) -> None:
+# Whether the device's socket takes a frame in the same turn of the loop or the write has to wait.
+either_socket = pytest.mark.parametrize("at_once", [True, False], ids=["socket-takes-it", "socket-busy"])
+
+
+async def pods_a_and_b_with_a_device_on_a(cluster: Cluster, at_once: bool) -> tuple[Pod, Pod]:
     a = await cluster.pod("a")
     b = await cluster.pod("b")
     a.devices.at_once = at_once
     a.devices.connected.add("conn-1")
+    return a, b
+
+
+@either_socket
+async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(
+    cluster: Cluster, at_once: bool
+) -> None:
+    a, b = await pods_a_and_b_with_a_device_on_a(cluster, at_once)
     assert b.bus.healthy
 
     assert await b.bus.send_to_device("conn-1", "a", '{"type":"message","n":1}')
@@ -265,14 +270,11 @@ async def test_a_command_sent_from_another_pod_is_written_once_and_acknowledged(
     assert b.devices.written == []
 
 
-@pytest.mark.parametrize("at_once", [True, False], ids=["socket-takes-it", "socket-busy"])
+@either_socket
 async def test_commands_keep_their_order_and_concurrent_ones_arrive_once(
     cluster: Cluster, at_once: bool
 ) -> None:
-    a = await cluster.pod("a")
-    b = await cluster.pod("b")
-    a.devices.at_once = at_once
-    a.devices.connected.add("conn-1")
+    a, b = await pods_a_and_b_with_a_device_on_a(cluster, at_once)
     # A relay socket sends its commands one after the other: they arrive in that order.
     texts = [f'{{"type":"message","n":{i}}}' for i in range(100)]
     for text in texts:

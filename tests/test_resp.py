@@ -1,4 +1,4 @@
-"""The bus's lean Redis connection (`tether.bus.resp`) against the real Redis on 127.0.0.1:6379."""
+"""The bus's lean Redis connection (`tether.redisconn.resp`) against the real Redis on 127.0.0.1:6379."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tether.bus.resp import RespConnection, script_sha
+from tether.redisconn.address import RedisAddress
+from tether.redisconn.resp import RespConnection, script_sha
 
 pytestmark = pytest.mark.redis
 
@@ -27,27 +28,33 @@ async def admin(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def key() -> str:
-    return f"tether-test-resp-{uuid.uuid4().hex[:8]}"
+async def key(admin: Redis) -> AsyncIterator[str]:
+    """A key of this test's own, deleted afterwards (other tests share the server)."""
+    name = f"tether-test-resp-{uuid.uuid4().hex[:8]}"
+    yield name
+    await admin.delete(name)
 
 
 def connect(url: str, stall: float = 5.0) -> RespConnection:
-    return RespConnection(url, connect_timeout=2.0, stall_timeout=stall)
+    return RespConnection(RedisAddress.parse(url), connect_timeout=2.0, stall_timeout=stall)
+
+
+@pytest.fixture
+async def conn(redis_url: str) -> AsyncIterator[RespConnection]:
+    # Async, so that it opens and closes inside the test's event loop.
+    connection = connect(redis_url)
+    yield connection
+    connection.close()
 
 
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
-    redis_url: str, admin: Redis, key: str
+    conn: RespConnection, admin: Redis, key: str
 ) -> None:
-    conn = connect(redis_url)
-    try:
-        replies = await asyncio.gather(*(conn.call("INCRBY", key, n) for n in range(1, 101)))
-        # Written in call order on one socket: each reply is the running total after its own call.
-        assert replies == [sum(range(1, n + 1)) for n in range(1, 101)]
-        assert await admin.get(key) == str(sum(range(1, 101)))
-        assert len({await conn.call("CLIENT", "ID") for _ in range(3)}) == 1  # one socket throughout
-    finally:
-        conn.close()
-        await admin.delete(key)
+    replies = await asyncio.gather(*(conn.call("INCRBY", key, n) for n in range(1, 101)))
+    # Written in call order on one socket: each reply is the running total after its own call.
+    assert replies == [sum(range(1, n + 1)) for n in range(1, 101)]
+    assert await admin.get(key) == str(sum(range(1, 101)))
+    assert len({await conn.call("CLIENT", "ID") for _ in range(3)}) == 1  # one socket throughout
 
 
 async def test_the_database_in_the_url_is_selected(redis_url: str, admin: Redis, key: str) -> None:
@@ -66,35 +73,25 @@ async def test_the_database_in_the_url_is_selected(redis_url: str, admin: Redis,
 
 
 async def test_a_pipeline_returns_replies_in_order_and_raises_a_command_error(
-    redis_url: str, admin: Redis, key: str
+    conn: RespConnection, key: str
 ) -> None:
-    conn = connect(redis_url)
-    try:
-        replies = await conn.pipeline(
-            [("XADD", key, "MAXLEN", "~", 100, "*", "k", "v"), ("PEXPIRE", key, 60_000), ("XLEN", key)]
-        )
-        assert replies[1:] == [1, 1]
-        with pytest.raises(ResponseError):
-            await conn.pipeline([("XLEN", key), ("INCR", key)])  # INCR on a stream: WRONGTYPE
-        assert await conn.call("XLEN", key) == 1  # the connection is still in step
-    finally:
-        conn.close()
-        await admin.delete(key)
+    replies = await conn.pipeline(
+        [("XADD", key, "MAXLEN", "~", 100, "*", "k", "v"), ("PEXPIRE", key, 60_000), ("XLEN", key)]
+    )
+    assert replies[1:] == [1, 1]
+    with pytest.raises(ResponseError):
+        await conn.pipeline([("XLEN", key), ("INCR", key)])  # INCR on a stream: WRONGTYPE
+    assert await conn.call("XLEN", key) == 1  # the connection is still in step
 
 
 async def test_a_script_runs_by_sha_and_is_loaded_when_redis_does_not_know_it(
-    redis_url: str, admin: Redis, key: str
+    conn: RespConnection, admin: Redis, key: str
 ) -> None:
     source = f"return redis.call('INCR', KEYS[1]) -- {key}"
-    conn = connect(redis_url)
-    try:
-        assert await admin.script_exists(script_sha(source)) == [False]
-        assert await conn.script(script_sha(source), source, [key], []) == 1
-        assert await admin.script_exists(script_sha(source)) == [True]
-        assert await conn.script(script_sha(source), source, [key], []) == 2
-    finally:
-        conn.close()
-        await admin.delete(key)
+    assert await admin.script_exists(script_sha(source)) == [False]
+    assert await conn.script(script_sha(source), source, [key], []) == 1
+    assert await admin.script_exists(script_sha(source)) == [True]
+    assert await conn.script(script_sha(source), source, [key], []) == 2
 
 
 async def test_a_killed_connection_fails_calls_in_flight_and_the_next_call_reconnects(

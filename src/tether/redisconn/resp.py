@@ -5,7 +5,8 @@ pool, retry and timeout wrappers, observability hooks) against about 20 µs for 
 written to a socket and parsed by hiredis; a cross-pod round trip makes four to six such calls
 (`make bench`, BENCHMARKS.md). This connection writes each command as soon as it is called and hands
 replies back in order, so concurrent callers share one socket and pipeline naturally. It speaks only
-what the bus needs (RESP2 commands, scripts by SHA); the rest of Tether keeps using redis-py.
+what the bus needs (RESP2 commands, scripts by SHA); the rest of Tether keeps using redis-py. Both
+reach Redis from the same `RedisAddress` (credentials, database, TLS context).
 
 Failures surface as redis-py's exception types, so callers handle both clients alike: a lost
 connection fails every call in flight with `ConnectionError`, and the next call connects again.
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ssl
 from collections import deque
 from typing import Any, cast
 
 import hiredis
-from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tether.redisconn.address import RedisAddress
 
 # Calls waiting for their reply on one connection; beyond this a call fails at once (Redis is not
 # keeping up, and queueing more would only grow memory).
@@ -93,14 +94,13 @@ class _Protocol(asyncio.Protocol):
 
 
 class RespConnection:
-    """One connection to the Redis at `url` (redis://, rediss:// or unix://), opened on first use.
+    """One connection to the Redis at `address` (redis://, rediss:// or unix://), opened on first use.
 
     `stall_timeout` bounds how long calls in flight may go without any reply (a blocking read's
     own wait included) before the connection is dropped and they fail."""
 
-    def __init__(self, url: str, *, connect_timeout: float, stall_timeout: float) -> None:
-        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        self._ssl = url.startswith("rediss://")
+    def __init__(self, address: RedisAddress, *, connect_timeout: float, stall_timeout: float) -> None:
+        self._address = address
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout
         self._protocol: _Protocol | None = None
@@ -163,33 +163,20 @@ class RespConnection:
             if self._protocol is not None and self._protocol.lost is None:
                 return self._protocol
             self.close()
-            loop = asyncio.get_running_loop()
-
-            def factory() -> _Protocol:
-                return _Protocol(self._stall_timeout)
-
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    if "path" in self._options:
-                        _, protocol = await loop.create_unix_connection(factory, self._options["path"])
-                    else:
-                        _, protocol = await loop.create_connection(
-                            factory,
-                            self._options.get("host", "localhost"),
-                            self._options.get("port", 6379),
-                            ssl=ssl.create_default_context() if self._ssl else None,
-                        )
+                    protocol = await self._open()
             except TimeoutError as exc:
                 raise RedisTimeoutError("connecting to Redis timed out") from exc
             except OSError as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
             hello: list[tuple[str | int, ...]] = []
-            if self._options.get("password") is not None:
-                user = self._options.get("username")
-                password = self._options["password"]
-                hello.append(("AUTH", user, password) if user else ("AUTH", password))
-            if self._options.get("db"):
-                hello.append(("SELECT", int(self._options["db"])))
+            address = self._address
+            if address.password is not None:
+                user = address.username
+                hello.append(("AUTH", user, address.password) if user else ("AUTH", address.password))
+            if address.db:
+                hello.append(("SELECT", address.db))
             if hello:
                 try:
                     await asyncio.gather(*self._send(protocol, hello))
@@ -199,6 +186,19 @@ class RespConnection:
                     raise
             self._protocol = protocol
             return protocol
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        address = self._address
+
+        def factory() -> _Protocol:
+            return _Protocol(self._stall_timeout)
+
+        if address.path is not None:
+            _, protocol = await loop.create_unix_connection(factory, address.path)
+        else:
+            _, protocol = await loop.create_connection(factory, address.host, address.port, ssl=address.tls)
+        return protocol
 
 
 def script_sha(source: str) -> str:
