@@ -2,38 +2,67 @@
 
 Every router under test is a `tether serve` subprocess on a free port, started with its own data
 directory and settings, so tests exercise exactly what users run.
+
+PostgreSQL and Redis are the user's when `TETHER_TEST_PG` / `TETHER_TEST_REDIS` point at them, else
+throwaway servers the suite starts on first use and removes at the end (tests/services.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 
-PG_ADMIN_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("TETHER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+from tests.services import RedisServer, Services, Unavailable
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TETHER = [sys.executable, "-m", "tether"]
+SERVICES = Services(os.environ)
+atexit.register(SERVICES.close)  # pytest_sessionfinish does it first, unless the run is cut short
 
 
-def service_missing(what: str) -> None:
-    """Skip a test whose service is absent, except in CI, where a skip would hide a gap."""
+def service_missing(what: str) -> NoReturn:
+    skip_or_fail(f"{what} is not reachable")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip a test whose service cannot be had, except in CI, where a skip would hide a gap."""
     if IN_CI:
-        pytest.fail(f"{what} is required in CI but is not reachable", pytrace=False)
-    pytest.skip(f"{what} is not reachable")
+        pytest.fail(f"{reason} (and CI requires it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    SERVICES.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say which servers the suite used, and why tests were skipped: one line per reason."""
+    for line in SERVICES.describe():
+        terminalreporter.write_line(f"services: {line}")
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, count in reasons.items():
+        tests = "test" if count == 1 else "tests"
+        terminalreporter.write_line(f"SKIPPED {count} {tests}: {reason}", yellow=True, bold=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -175,41 +204,61 @@ def router(tmp_path: Path) -> Iterator[Router]:
     r.stop()
 
 
-def _pg_reachable() -> bool:
+def pg_admin_url() -> str:
+    """The PostgreSQL server's admin URL (asyncpg's form); skips the test when there is none."""
     try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
+        return SERVICES.postgres()
+    except Unavailable as exc:
+        skip_or_fail(str(exc))
+
+
+def suite_redis_url() -> str:
+    """The Redis every Redis test shares; skips the test when there is none."""
+    try:
+        return SERVICES.redis()
+    except Unavailable as exc:
+        skip_or_fail(str(exc))
+
+
+def restartable_redis() -> RedisServer:
+    """A Redis the suite started itself, which a test may stop and start (never the user's own)."""
+    try:
+        return SERVICES.own_redis()
+    except Unavailable as exc:
+        skip_or_fail(f"Redis of the suite's own (this test restarts it): {exc}")
+
+
+def _database_url(admin_url: str, name: str) -> str:
+    return urlunsplit(urlsplit(admin_url)._replace(scheme="postgresql+asyncpg", path=f"/{name}"))
 
 
 def fresh_pg_database() -> str:
     """Create an empty database on the real server; returns its SQLAlchemy async URL."""
-    if not _pg_reachable():
-        service_missing("PostgreSQL on 127.0.0.1:5432")
+    admin_url = pg_admin_url()
     import asyncpg
 
     name = f"tether_t_{uuid.uuid4().hex[:10]}"
 
     async def create() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL)
+        conn = await asyncpg.connect(admin_url)
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
 
     asyncio.run(create())
-    base = re.sub(r"/[^/]*$", f"/{name}", PG_ADMIN_URL)
-    return base.replace("postgresql://", "postgresql+asyncpg://", 1)
+    return _database_url(admin_url, name)
 
 
 def drop_pg_database(url: str) -> None:
     import asyncpg
 
-    name = url.rsplit("/", 1)[-1]
+    name = urlsplit(url).path.lstrip("/")
+    assert name.startswith("tether_t_"), f"not a database the suite created: {name}"
+    admin_url = pg_admin_url()
 
     async def drop() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL)
+        conn = await asyncpg.connect(admin_url)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
@@ -246,9 +295,4 @@ def any_router(tmp_path: Path, database_url: str) -> Iterator[Router]:
 
 @pytest.fixture
 def redis_url() -> str:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            pass
-    except OSError:
-        service_missing("Redis on 127.0.0.1:6379")
-    return REDIS_URL
+    return suite_redis_url()

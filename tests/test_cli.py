@@ -6,7 +6,11 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
+import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -119,7 +123,89 @@ def test_serve_explains_an_unreachable_database(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+# ---- signals while starting -------------------------------------------------------------------
+
+
+def _serve_until(
+    tmp_path: Path, ready: Callable[[str], bool], **env: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `tether serve` and wait until its output satisfies `ready`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    clean.update(TETHER_PORT=str(free_port()), TETHER_DATA_DIR=str(tmp_path / "data"), **env)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([*TETHER, "serve"], env=clean, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not ready(log_path.read_text(errors="replace")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"serve never reached the state under test:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return proc, log_path
+
+
+def _stops_promptly(proc: subprocess.Popen[bytes], sig: int, log_path: Path) -> str:
+    signalled = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"serve still ran 5 s after {sig!r}:\n{log_path.read_text()}")
+    elapsed = time.monotonic() - signalled
+    output = log_path.read_text(errors="replace")
+    assert elapsed < 5, elapsed
+    # SIGINT: the shell's 128 + 2 and no traceback; SIGTERM: re-raised once clean, as when serving.
+    assert proc.returncode == (128 + signal.SIGINT if sig == signal.SIGINT else -signal.SIGTERM), output
+    assert "Traceback" not in output
+    return output
+
+
+SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+
+
+@SIGNALS
+def test_serve_waiting_for_redis_at_start_up_stops_promptly_on_a_signal(sig: int, tmp_path: Path) -> None:
+    nothing_listens = f"redis://127.0.0.1:{free_port()}/0"
+    proc, log_path = _serve_until(
+        tmp_path, lambda out: "Waiting for application startup." in out, TETHER_REDIS_URL=nothing_listens
+    )
+    time.sleep(1)  # well into the wait for Redis
+    output = _stops_promptly(proc, sig, log_path)
+    assert "start-up interrupted by a signal" in output
+    assert "listening on" not in output  # no banner: the router never served
+
+
+@SIGNALS
+def test_serve_waiting_for_the_database_stops_promptly_on_a_signal(sig: int, tmp_path: Path) -> None:
+    with socket.socket() as silent:  # takes connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://tether@127.0.0.1:{silent.getsockname()[1]}/tether"
+        proc, log_path = _serve_until(
+            tmp_path, lambda out: "waiting for the database" in out, TETHER_DATABASE_URL=url
+        )
+        output = _stops_promptly(proc, sig, log_path)
+    assert f"waiting for the database {url.replace('postgresql:', 'postgresql+asyncpg:')}" in output
+
+
 # ---- keys -------------------------------------------------------------------------------------
+
+
+def test_keys_alone_and_tether_alone_print_their_help_instead_of_an_error() -> None:
+    keys = run_tether("keys")
+    assert keys.returncode == 2
+    assert "required" not in keys.stderr
+    for command in ("create", "list", "revoke"):
+        assert command in keys.stderr
+    bare = run_tether()
+    assert bare.returncode == 2 and "required" not in bare.stderr
+    for command in ("serve", "migrate", "keys", "device"):
+        assert command in bare.stderr
+    revoke = run_tether("keys", "revoke", "--help")
+    assert revoke.returncode == 0
+    assert "KEY_ID" in revoke.stdout and "tether keys list" in revoke.stdout
 
 
 def test_keys_create_list_and_revoke(router: Router) -> None:
@@ -223,3 +309,35 @@ def test_database_urls_without_the_async_driver_are_accepted(monkeypatch: pytest
     ]:
         assert load_settings({"TETHER_DATABASE_URL": given}).resolved_database_url == resolved
     assert load_settings({}).resolved_database_url.endswith("/.tether/tether.db")
+
+
+# ---- the reference device ---------------------------------------------------------------------
+
+
+def test_the_reference_device_logs_a_line_when_a_message_arrives(router: Router, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TETHER_", "LETTA_"))}
+    env.update(LETTA_BASE_URL=router.base_url, LETTA_API_KEY=router.key)
+    log_path = tmp_path / "device.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*TETHER, "device", "--name", "logs-messages"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "Connected. Awaiting instructions." not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        [row] = router.sdk().environments.list().connections
+        sent = httpx.post(
+            f"{router.base_url}/v1/environments/{row.connection_id}/messages",
+            headers=router.headers(),
+            json={"agentId": "agent-7", "conversationId": "default",
+                  "messages": [{"role": "user", "content": "hello from REST", "client_message_id": "cm-1"}]},
+        )  # fmt: skip
+        assert sent.status_code == 200 and sent.json()["success"] is True, sent.text
+        while "Message for agent-7/default: 'hello from REST'" not in log_path.read_text():
+            assert time.monotonic() < deadline + 10, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)

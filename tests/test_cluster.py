@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,12 +24,20 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import Router, drop_pg_database, fresh_pg_database, service_missing, start_router
+from tests.conftest import (
+    SERVICES,
+    Router,
+    drop_pg_database,
+    fresh_pg_database,
+    restartable_redis,
+    start_router,
+    suite_redis_url,
+)
+from tests.services import RedisServer
 from tether.livestate.redis import LIVE_PODS_CACHE_SECONDS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 POD_TTL = 4.0
 # A killed pod's devices read offline within this (the documented bound: pod TTL + pods cache).
 OFFLINE_BOUND = POD_TTL + LIVE_PODS_CACHE_SECONDS
@@ -43,10 +49,6 @@ POD_SETTINGS: dict[str, Any] = {
     "send_timeout_seconds": 5,
     "shutdown_drain_seconds": DRAIN_SECONDS,
 }
-REDIS_START = [
-    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-    "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
-]  # fmt: skip
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
@@ -60,9 +62,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: 
 
 
 class Cluster:
-    def __init__(self, workdir: Path, database_url: str) -> None:
+    def __init__(self, workdir: Path, database_url: str, redis_url: str) -> None:
         self.workdir = workdir
         self.database_url = database_url
+        self.redis_url = redis_url
         self.run = uuid.uuid4().hex[:6]  # pod ids unique to this run: other tests share the Redis
         self.key = ""
         self.pods: list[Router] = []
@@ -74,7 +77,7 @@ class Cluster:
             first = start_router(
                 self.workdir / names[0],
                 database_url=self.database_url,
-                redis_url=REDIS_URL,
+                redis_url=self.redis_url,
                 pod_id=f"{names[0]}-{self.run}",
                 **POD_SETTINGS,
             )
@@ -91,7 +94,7 @@ class Cluster:
         pod = start_router(
             self.workdir / name,
             database_url=self.database_url,
-            redis_url=REDIS_URL,
+            redis_url=self.redis_url,
             pod_id=f"{name}-{self.run}",
             create_key=False,
             **POD_SETTINGS,
@@ -104,21 +107,34 @@ class Cluster:
             pod.stop(signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            pass
-    except OSError:
-        service_missing("Redis on 127.0.0.1:6379")
+def start_cluster(workdir: Path, redis_url: str) -> Iterator[Cluster]:
     database_url = fresh_pg_database()
-    c = Cluster(tmp_path_factory.mktemp("cluster"), database_url)
+    c = Cluster(workdir, database_url, redis_url)
     try:
         c.start("a", "b", "c")
         yield c
     finally:
         c.stop_all()
         drop_pg_database(database_url)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path_factory.mktemp("cluster"), suite_redis_url())
+
+
+@pytest.fixture
+def restartable(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, RedisServer]]:
+    """A cluster on a Redis the suite started, which the test may stop: the module's cluster when it
+    runs on one, else (TETHER_TEST_REDIS points at the user's own Redis) a cluster of its own."""
+    redis = restartable_redis()
+    if SERVICES.redis_setting is None:  # every Redis test runs on this one, the module's cluster too
+        yield request.getfixturevalue("cluster"), redis
+        return
+    for c in start_cluster(tmp_path_factory.mktemp("restartable"), redis.url):
+        yield c, redis
 
 
 def pod(cluster: Cluster, name: str) -> Router:
@@ -467,28 +483,10 @@ async def test_sigterm_drains_devices_over_the_window_and_they_reconnect_elsewhe
 # ---- Redis restarts ----------------------------------------------------------------------------
 
 
-def redis_ping() -> bool:
-    return subprocess.run(["redis-cli", "ping"], capture_output=True, text=True).stdout.strip() == "PONG"
-
-
-def stop_redis() -> None:
-    subprocess.run(["redis-cli", "shutdown", "nosave"], capture_output=True)
-    deadline = time.monotonic() + 10
-    while redis_ping() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def start_redis() -> None:
-    if not redis_ping():
-        subprocess.run(REDIS_START, check=True, capture_output=True)
-    deadline = time.monotonic() + 20
-    while not redis_ping():
-        if time.monotonic() > deadline:
-            raise RuntimeError("Redis did not come back")
-        time.sleep(0.05)
-
-
-async def test_redis_restart_under_load_recovers_without_losing_accepted_messages(cluster: Cluster) -> None:
+async def test_redis_restart_under_load_recovers_without_losing_accepted_messages(
+    restartable: tuple[Cluster, RedisServer],
+) -> None:
+    cluster, redis = restartable
     a, b, c = pod(cluster, "a"), pod(cluster, "b"), pod(cluster, "c")
     device = Device(cluster.key)
     await device.register(a)
@@ -526,10 +524,10 @@ async def test_redis_restart_under_load_recovers_without_losing_accepted_message
     try:
         await eventually(lambda: _now(len(accepted) >= 5), 10, "messages flow before the restart")
         try:
-            await asyncio.to_thread(stop_redis)
+            await asyncio.to_thread(redis.stop)
             await asyncio.sleep(OUTAGE_SECONDS)
         finally:
-            await asyncio.to_thread(start_redis)
+            await asyncio.to_thread(redis.start)
         before = len(accepted)
 
         async def all_ready() -> bool:

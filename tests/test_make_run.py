@@ -124,8 +124,18 @@ def _env(port: int) -> dict[str, str]:
     return env
 
 
+def _example(banner: str, heading: str) -> str:
+    """The shell command printed under `heading`, with its continuation lines."""
+    lines = banner.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 1
+    command = [lines[start]]
+    while command[-1].endswith("\\"):
+        command.append(lines[start + len(command)])
+    return "\n".join(command)
+
+
 def test_make_run_from_a_clean_copy_prints_a_working_development_key_once(
-    checkout: Path, monkeypatch: pytest.MonkeyPatch
+    checkout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -135,13 +145,30 @@ def test_make_run_from_a_clean_copy_prints_a_working_development_key_once(
         first.wait_ready(base_url)
         time.sleep(0.2)  # the banner is printed just before the socket opens; let the reader catch up
         banner = first.output
-        assert "pip install" in banner  # the Makefile's install step ran in the copy
+        assert "-m pip install --quiet" in banner  # the Makefile's install step ran in the copy
         assert f"listening on {base_url}" in banner
         assert "Created a development API key" in banner
         [key] = KEY.findall(banner)
         assert "letta server" in banner and f"LETTA_BASE_URL={base_url}" in banner
-
+        assert "LETTA_CODE_TELEM=0" in banner and "@letta-ai/letta-code@0.32.18" in banner
+        assert f"API docs: {base_url}/docs" in banner
+        assert httpx.get(f"{base_url}/").json()["docs"] == "/docs"  # not a bare 404
+        # Absolute paths: the key file, and the checkout's own Python (it has letta-client).
         dev_key = checkout / ".tether" / "dev-key"
+        assert f"LETTA_API_KEY=$(cat {dev_key.resolve()})" in banner
+        python = checkout / ".venv" / "bin" / "python"
+        assert f"    {python} -c 'from letta_client import Letta;" in banner
+        assert f"    {python} -m tether device --name demo" in banner
+        # The client example works pasted into a shell in another folder, with nothing else set.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        example = _example(banner, "Connect a client")
+        pasted = subprocess.run(
+            ["bash", "-c", example], cwd=elsewhere, env=_env(port), capture_output=True, text=True, timeout=60
+        )
+        assert pasted.returncode == 0, (example, pasted.stderr)
+        assert "connections=[]" in pasted.stdout, pasted.stdout
+
         assert stat.S_IMODE(dev_key.stat().st_mode) == 0o600
         assert dev_key.read_text().strip() == key
         assert (checkout / ".tether" / "tether.db").is_file()
@@ -171,9 +198,9 @@ def test_make_run_from_a_clean_copy_prints_a_working_development_key_once(
         second.wait_ready(base_url, timeout=60)
         time.sleep(0.2)
         again = second.output
-        assert "pip install" not in again  # installed once; the stamp holds
+        assert "-m pip install --quiet" not in again  # installed once; the stamp holds
         assert "Created a development API key" not in again and not KEY.findall(again)
-        assert f"LETTA_API_KEY=$(cat {Path('.tether') / 'dev-key'})" in again
+        assert f"LETTA_API_KEY=$(cat {(checkout / '.tether' / 'dev-key').resolve()})" in again
         assert (checkout / ".tether" / "dev-key").read_text().strip() == key
         assert Letta(_strict_response_validation=True).environments.list().connections == []
         keys = subprocess.run(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.util
 import logging
 import os
+import shlex
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -57,11 +63,33 @@ async def bootstrap_key(node: Node) -> str | None:
     return secret
 
 
+async def _started(starting: asyncio.Task[None]) -> bool:
+    """Whether the node's start-up finished; False when it was abandoned (the task cancelled)."""
+    try:
+        await starting
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the lifespan itself is being cancelled
+        return False
+    return True
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = build_node(settings)
-        await node.start()
+        # Start-up may wait for Redis or the database for as long as they are away. `tether serve`
+        # cancels this task when SIGINT or SIGTERM arrives meanwhile (cli.py).
+        app.state.starting = starting = asyncio.get_running_loop().create_task(node.start())
+        if not await _started(starting):
+            # Nothing was served and the process is on its way out: close the database pool; what
+            # reached Redis, if anything, lapses with the pod's TTL.
+            log.warning("start-up interrupted by a signal: stopping")
+            with contextlib.suppress(Exception):
+                await node.store.close()
+            yield  # uvicorn saw the signal: it shuts down at once
+            return
         app.state.node = node
         secret = await bootstrap_key(node)
         banner(settings, secret)
@@ -78,6 +106,20 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> dict[str, Any]:
+        """What a browser or curl pointed at the router's address finds: where to go next."""
+        return {
+            "name": "Tether",
+            "version": __version__,
+            "docs": "/docs",
+            "openapi": "/openapi.json",
+            "health": "/healthz",
+            "ready": "/readyz",
+            "environments": "/v1/environments",
+        }
+
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(device_socket.router)
@@ -89,8 +131,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def banner(settings: Settings, new_key: str | None) -> None:
     base = settings.public_url or f"http://{_display_host(settings.host)}:{settings.port}"
-    lines = [f"Tether {__version__} listening on {base} (pod {settings.pod_id})"]
-    key_file = Path(settings.data_dir) / "dev-key"
+    lines = [f"Tether {__version__} listening on {base} (pod {settings.pod_id}); API docs: {base}/docs"]
+    # Absolute paths throughout: the examples work pasted into a shell in any folder.
+    key_file = Path(settings.data_dir).resolve() / "dev-key"
     if new_key is not None:
         lines += [
             "",
@@ -98,19 +141,26 @@ def banner(settings: Settings, new_key: str | None) -> None:
             f"  {new_key}",
         ]
     if key_file.exists():
-        key_ref = f"$(cat {key_file})"
+        key_ref = f"$(cat {shlex.quote(str(key_file))})"
     else:
         key_ref = "<key from: tether keys create --org ORG --user USER>"
+    python = shlex.quote(sys.executable)  # this environment's Python, the one with Tether
+    env = f"LETTA_BASE_URL={base} LETTA_API_KEY={key_ref}"
     lines += [
         "",
-        "Connect a device (Letta Code):",
-        f"  LETTA_BASE_URL={base} LETTA_API_KEY={key_ref} IGNORE_SELF_HOSTED_LISTENER_ERROR=1 \\",
+        "Connect a device (Letta Code: npm install -g @letta-ai/letta-code@0.32.18, or pip install letta):",
+        f"  {env} IGNORE_SELF_HOSTED_LISTENER_ERROR=1 LETTA_CODE_TELEM=0 \\",
         "    letta server --computer-name my-laptop",
+        "or the reference device that ships with Tether:",
+        f"  {env} \\",
+        f"    {python} -m tether device --name demo",
         "Connect a client (Python SDK, letta-client):",
-        f"  LETTA_BASE_URL={base} LETTA_API_KEY={key_ref} \\",
-        "    python -c 'from letta_client import Letta; print(Letta().environments.list())'",
-        "",
+        f"  {env} \\",
+        f"    {python} -c 'from letta_client import Letta; print(Letta().environments.list())'",
     ]
+    if importlib.util.find_spec("letta_client") is None:
+        lines.append(f"  (that Python lacks letta-client: {python} -m pip install letta-client==1.12.1)")
+    lines.append("")
     print("\n".join(lines), flush=True)
 
 

@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,10 @@ from tether.config import Settings, describe_settings, load_settings, parse_port
 from tether.listen import open_listeners
 from tether.store.base import SchemaTooNew
 from tether.store.sql import SqlStore
+
+log = logging.getLogger("tether")
+# While the database does not answer at start-up, say so this often.
+DATABASE_WAIT_LOG_SECONDS = 5.0
 
 
 def _name(text: str) -> str:
@@ -47,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=describe_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(show_help=parser.print_help)
+    sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser(
         "serve",
@@ -61,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations (TETHER_DATABASE_URL)")
 
     keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys.set_defaults(show_help=keys.print_help)
+    keys_sub = keys.add_subparsers(dest="keys_command")
     create = keys_sub.add_parser("create", help="create a key; prints the secret alone on the last line")
     create.add_argument("--org", required=True, type=_name, help="organization name (created on first use)")
     create.add_argument(
@@ -70,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="api key", type=_name, help="a label for the key")
     keys_sub.add_parser("list", help="list keys (never shows secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
-    revoke.add_argument("key_id")
+    revoke.add_argument(
+        "key_id",
+        metavar="KEY_ID",
+        help="the KEY ID column of `tether keys list` (in a key tk_<id>_<secret>, the <id>)",
+    )
 
     from tether.device import run as device_run
 
@@ -81,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command is None or (args.command == "keys" and args.keys_command is None):
+        args.show_help(sys.stderr)  # what there is to run, rather than "required: command"
+        return 2
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -127,13 +141,17 @@ def serve(settings: Settings) -> int:
     from tether.api.fastpath import SocketsFirst
     from tether.app import create_app
 
+    url = _redact(settings.resolved_database_url)
     try:
-        asyncio.run(_migrate(settings, quiet=True))
+        asyncio.run(_migrate_saying_so(settings))
+    except KeyboardInterrupt:
+        # (SIGTERM's default action ends the process as promptly; uvicorn takes both over below.)
+        print(f"tether: interrupted while migrating the database {url}", file=sys.stderr)
+        return 128 + signal.SIGINT
     except SchemaTooNew as exc:
         print(f"tether: refusing to start: {exc}", file=sys.stderr)
         return 2
     except (OSError, SQLAlchemyError) as exc:
-        url = _redact(settings.resolved_database_url)
         print(f"tether: refusing to start: cannot migrate the database {url}: {exc}", file=sys.stderr)
         return 2
     try:
@@ -181,6 +199,26 @@ def _draining_server(config: uvicorn.Config, drain_s: float) -> uvicorn.Server:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn notes SIGINT/SIGTERM (should_exit) but looks at it only once the app's start-up
+            # is over, and that start-up waits for Redis or the database as long as they are away.
+            watcher = asyncio.get_running_loop().create_task(self._abandon_start_up_on_signal())
+            try:
+                await super().startup(sockets)
+            finally:
+                watcher.cancel()
+
+        async def _abandon_start_up_on_signal(self) -> None:
+            while True:
+                starting = getattr(getattr(self.config.app, "state", None), "starting", None)
+                if self.should_exit and isinstance(starting, asyncio.Task):
+                    if starting.done():
+                        return
+                    # Again until it ends: Python 3.11's asyncio.wait_for (redis-py's connect) can
+                    # lose a cancellation that arrives as the connection completes.
+                    starting.cancel()
+                await asyncio.sleep(0.1)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for server in self.servers:
                 server.close()
@@ -190,6 +228,22 @@ def _draining_server(config: uvicorn.Config, drain_s: float) -> uvicorn.Server:
             await super().shutdown(sockets)
 
     return DrainingServer(config)
+
+
+async def _migrate_saying_so(settings: Settings) -> None:
+    """Migrate before serving, saying every few seconds that it is still waiting for the database."""
+    migrating = asyncio.get_running_loop().create_task(_migrate(settings, quiet=True))
+    started = time.monotonic()
+    try:
+        while not (await asyncio.wait({migrating}, timeout=DATABASE_WAIT_LOG_SECONDS))[0]:
+            log.warning(
+                "waiting for the database %s (%.0f s so far)",
+                _redact(settings.resolved_database_url),
+                time.monotonic() - started,
+            )
+    finally:
+        migrating.cancel()
+    migrating.result()
 
 
 async def _migrate(settings: Settings, quiet: bool = False) -> int:

@@ -237,6 +237,26 @@ def message_text(messages: list[Any]) -> str:
     return " ".join(part for part in parts if part)
 
 
+def arrived_message(frame: Mapping[str, Any], limit: int = 80) -> str | None:
+    """A one-line description of a user message a command carries (REST's `message`, or an `input`
+    that creates one), for the device's log; None for any other command."""
+    if frame.get("type") == "message":
+        converted = legacy_message_to_input(frame)
+        if converted is None:
+            return None
+        frame = converted
+    payload = frame.get("payload")
+    scope = parse_scope(frame.get("runtime"))
+    if frame.get("type") != "input" or scope is None or not isinstance(payload, Mapping):
+        return None
+    messages = payload.get("messages")
+    if payload.get("kind") != "create_message" or not isinstance(messages, list):
+        return None
+    text = message_text(messages)
+    shown = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"Message for {scope.agent_id}/{scope.conversation_id}: {shown!r}"
+
+
 def first_client_message_id(messages: list[Any]) -> str | None:
     for message in messages:
         if isinstance(message, Mapping):

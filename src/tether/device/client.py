@@ -45,6 +45,7 @@ from tether.device.behaviour import (
     Pause,
     Reply,
     Scope,
+    arrived_message,
     iso_now,
 )
 
@@ -853,6 +854,10 @@ class Device:
     # -- frames -----------------------------------------------------------------------------------------
 
     async def _dispatch(self, frame: Frame) -> None:
+        if log.isEnabledFor(logging.INFO):  # `tether device` logs at INFO; the benchmark does not
+            arrived = arrived_message(frame)
+            if arrived is not None:
+                log.info("[%s] %s", self.name, arrived)
         reaction = self._behaviour.handle(frame)
         if reaction.subscribe is not None:
             self._subscriptions.add(reaction.subscribe)
