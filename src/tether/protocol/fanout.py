@@ -52,17 +52,17 @@ class Fanout(Generic[M]):
     def __init__(self) -> None:
         self.feeds: dict[Scope, Feed] = {}
         self._members: dict[Scope, set[M]] = {}
+        self._all: set[M] = set()
         self._partner: dict[M, M] = {}
         self._requests: OrderedDict[str, M] = OrderedDict()
         self._internal = BoundedSet(INTERNAL_REQUESTS_PER_CONNECTION)
         self.losses = 0
 
     def __contains__(self, member: object) -> bool:
-        scope = getattr(member, "scope", None)
-        return scope in self._members and member in self._members[scope]
+        return member in self._all
 
     def __len__(self) -> int:
-        return sum(len(m) for m in self._members.values())
+        return len(self._all)
 
     def scopes(self) -> list[Scope]:
         return list(self.feeds)
@@ -74,10 +74,12 @@ class Fanout(Generic[M]):
             self.feeds[member.scope] = Feed(member.scope)
             self._members[member.scope] = set()
         self._members[member.scope].add(member)
+        self._all.add(member)
         self._pair(member)
         return fresh
 
     def remove(self, member: M) -> None:
+        self._all.discard(member)
         members = self._members.get(member.scope)
         if members is not None:
             members.discard(member)
@@ -91,6 +93,7 @@ class Fanout(Generic[M]):
     def clear(self) -> None:
         self.feeds.clear()
         self._members.clear()
+        self._all.clear()
         self._partner.clear()
         self._requests.clear()
 
@@ -125,9 +128,11 @@ class Fanout(Generic[M]):
             if frame.request_id in self._internal:
                 return []
             sender = self._requests.get(frame.request_id)
-            if sender is not None and sender in self:
+            if sender is not None and sender in self._all:
                 partner = self._partner.get(sender)
-                return [(sender, frame.text)] + ([(partner, frame.text)] if partner is not None else [])
+                if partner is None:
+                    return [(sender, frame.text)]
+                return [(sender, frame.text), (partner, frame.text)]
         out: list[tuple[M, str]] = []
         for scope, feed in self.feeds.items():
             if scope.matches(frame):
