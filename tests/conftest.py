@@ -296,3 +296,30 @@ def any_router(tmp_path: Path, database_url: str) -> Iterator[Router]:
 @pytest.fixture
 def redis_url() -> str:
     return suite_redis_url()
+
+
+def _letta_upstream(password: str | None) -> Iterator[Any]:
+    from tests.letta_upstream import LettaServer, LettaServerUnavailable
+
+    server = LettaServer(password=password)
+    try:
+        server.start()
+    except LettaServerUnavailable as exc:
+        # One line outside CI (the skip summary groups by reason); the whole story, logs and all, in CI.
+        skip_or_fail(f"the real Letta server: {exc if IN_CI else str(exc).splitlines()[0]}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def letta_upstream() -> Iterator[Any]:
+    """A real Letta server 0.16.8 without auth (tests/letta_upstream.py `LettaServer`), one per session."""
+    yield from _letta_upstream(None)
+
+
+@pytest.fixture(scope="session")
+def letta_upstream_secure() -> Iterator[Any]:
+    """A real Letta server 0.16.8 that wants `Authorization: Bearer <.password>`, one per session."""
+    yield from _letta_upstream(f"upstream-{uuid.uuid4().hex[:12]}")

@@ -22,18 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 LETTA_CODE_VERSION = "0.32.18"
+# The same CLI published on PyPI as `letta` (0.32.13 on); its wheel bundles Node.js and the app.
+PYPI_CLI_VERSION = "0.34.12"
+VENV_INSTALL_TIMEOUT_SECONDS = 1800
 WS_SPEC = "ws@8"
 INSTALL_MARKER = ".tether-install-complete"
 # Frames can be large (memory dumps, base64 files); a debug line holds one whole frame.
@@ -110,11 +117,155 @@ def _npm(npm: str, args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+def ensure_venv(
+    venv: Path,
+    requirements: Sequence[str],
+    *,
+    constraints: Path | None = None,
+    pip: str | None = None,
+    check: str = "",
+) -> Path:
+    """A venv at `venv` holding `requirements`, built on first use; returns `venv`.
+
+    A venv is not relocatable (its scripts name its path), so unlike `ensure_cli` it is built in place,
+    under an exclusive lock on a file beside it, and a marker written last says it is complete and what
+    it was built from. Another process that finds the lock taken waits, then finds the marker; a folder
+    without the right marker (an interrupted build, changed pins) is removed and built again.
+    `pip` upgrades pip first (a spec such as "pip==26.0.1"); `check` is Python code that must run in it.
+    """
+    digest = hashlib.sha256("\n".join((pip or "", check, *requirements)).encode())
+    if constraints is not None:
+        digest.update(constraints.read_bytes())
+    fingerprint = f"{digest.hexdigest()}\n"
+    marker = venv / INSTALL_MARKER
+    if _marked(marker, fingerprint):
+        return venv
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with (venv.parent / f".{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _marked(marker, fingerprint):
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)
+        log = venv.parent / f"{venv.name}.install.log"
+        python = str(venv / "bin" / "python")
+        steps = [[sys.executable, "-m", "venv", str(venv)]]
+        if pip:
+            steps.append([python, "-m", "pip", "install", "-q", pip])
+        with_constraints = ["-c", str(constraints)] if constraints is not None else []
+        steps.append([python, "-m", "pip", "install", "-q", *with_constraints, *requirements])
+        if check:
+            steps.append([python, "-c", check])
+        # The tests' own venv must not steer the other venv's pip or python.
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        with log.open("w") as out:
+            for argv in steps:
+                out.write(f"$ {' '.join(argv)}\n")
+                out.flush()
+                what = f"`{' '.join(argv[:5])} …` (log: {log})"
+                try:
+                    done = subprocess.run(
+                        argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False,
+                        timeout=VENV_INSTALL_TIMEOUT_SECONDS,
+                    )  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    raise CliUnavailableError(f"{what} timed out") from None
+                if done.returncode != 0:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                    raise CliUnavailableError(f"{what} failed ({done.returncode}):\n{tail}")
+        partial = marker.with_name(f"{INSTALL_MARKER}.tmp")
+        partial.write_text(fingerprint)
+        os.replace(partial, marker)
+    return venv
+
+
+def _marked(marker: Path, fingerprint: str) -> bool:
+    try:
+        return marker.read_text() == fingerprint
+    except OSError:
+        return False
+
+
+def ensure_pypi_cli(version: str = PYPI_CLI_VERSION) -> Path:
+    """The `letta` console script of PyPI's `letta==version` (Letta Code), installed into the cache once."""
+    venv = ensure_venv(cache_root() / f"letta-code-pypi-{version}", [f"letta=={version}"])
+    script = venv / "bin" / "letta"
+    if not script.is_file():
+        raise CliUnavailableError(f"letta=={version} from PyPI installed no `letta` script in {venv}")
+    return script
+
+
+def cli_command(distribution: str = "npm") -> list[str]:
+    """The argv prefix that runs the Letta Code CLI: the npm build (`node letta.js`) or PyPI's `letta`."""
+    if distribution == "pypi":
+        return [str(ensure_pypi_cli())]
+    if distribution != "npm":
+        raise ValueError(f"unknown Letta Code distribution {distribution!r} (npm or pypi)")
+    letta_js = ensure_cli()
+    node = shutil.which("node")
+    if node is None:
+        raise CliUnavailableError("`node` is not on PATH")
+    return [node, str(letta_js)]
+
+
+def cli_env(
+    home: Path, base_url: str, api_key: str | None, extra_env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The CLI's environment: the caller's own Letta settings removed, telemetry and cron off."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LETTA_")}
+    env.update(
+        {
+            "HOME": str(home),
+            "LETTA_BASE_URL": base_url,
+            "IGNORE_SELF_HOSTED_LISTENER_ERROR": "1",
+            "LETTA_CODE_TELEM": "0",
+            "LETTA_DISABLE_CRON_SCHEDULER": "1",
+        }
+    )
+    if api_key is not None:
+        env["LETTA_API_KEY"] = api_key
+    env.update(extra_env or {})
+    return env
+
+
+def run_prompt(
+    command: Sequence[str],
+    prompt: str,
+    *,
+    base_url: str,
+    agent_id: str,
+    api_key: str | None = None,
+    home: Path | None = None,
+    extra_args: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """One headless turn, `letta -p PROMPT --agent AGENT_ID`, in a fresh HOME unless `home` is given."""
+    with tempfile.TemporaryDirectory(prefix="letta-cli-home-") as scratch:
+        cwd = Path(scratch) if home is None else home
+        cwd.mkdir(parents=True, exist_ok=True)
+        argv = [*command, "-p", prompt, "--agent", agent_id, *extra_args]
+        try:
+            return subprocess.run(
+                argv, cwd=cwd, env=cli_env(cwd, base_url, api_key, extra_env), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            output = [
+                o.decode(errors="replace") if isinstance(o, bytes) else o or ""
+                for o in (exc.stdout, exc.stderr)
+            ]
+            raise TimeoutError(
+                f"`letta -p` did not finish in {timeout:.0f} s:\n" + "\n".join(output)
+            ) from None
+
+
 class LettaCli:
     """One `node letta.js server --computer-name NAME --debug` child process and its output."""
 
-    def __init__(self, letta_js: Path | None = None) -> None:
+    def __init__(self, letta_js: Path | None = None, *, command: Sequence[str] | None = None) -> None:
+        """`command`: the argv prefix of another build, e.g. `cli_command("pypi")`; else `node letta_js`."""
         self.letta_js = letta_js
+        self.command = list(command) if command is not None else None
         self.lines: list[str] = []
         self.home: Path | None = None
         self._owns_home = False
@@ -140,32 +291,22 @@ class LettaCli:
     ) -> None:
         if self._process is not None:
             raise RuntimeError("this LettaCli has already been started")
-        if self.letta_js is None:
-            self.letta_js = await asyncio.to_thread(ensure_cli)
-        node = shutil.which("node")
-        if node is None:
-            raise CliUnavailableError("`node` is not on PATH")
+        if self.command is None:
+            if self.letta_js is None:
+                self.letta_js = await asyncio.to_thread(ensure_cli)
+            node = shutil.which("node")
+            if node is None:
+                raise CliUnavailableError("`node` is not on PATH")
+            self.command = [node, str(self.letta_js)]
         if home is None:
             self.home, self._owns_home = Path(tempfile.mkdtemp(prefix="letta-cli-home-")), True
         else:
             self.home = Path(home)
             self.home.mkdir(parents=True, exist_ok=True)
         # Settings from the caller's own Letta setup must not leak into the device under test.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("LETTA_")}
-        env.update(
-            {
-                "HOME": str(self.home),
-                "LETTA_BASE_URL": base_url,
-                "LETTA_API_KEY": api_key,
-                "IGNORE_SELF_HOSTED_LISTENER_ERROR": "1",
-                "LETTA_CODE_TELEM": "0",
-                "LETTA_DISABLE_CRON_SCHEDULER": "1",
-            }
-        )
-        env.update(extra_env or {})
+        env = cli_env(self.home, base_url, api_key, extra_env)
         self._process = await asyncio.create_subprocess_exec(
-            node,
-            str(self.letta_js),
+            *self.command,
             "server",
             "--computer-name",
             name,

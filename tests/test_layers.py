@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAYERS = {
     "protocol": 0,
     "clock": 0,
+    "console": 0,
     "config": 1,
     "metrics": 1,
     "tasks": 1,
@@ -25,12 +26,14 @@ LAYERS = {
     "sockets": 3,
     "hub": 4,
     "ops": 5,
+    "gateway": 5,
     "node": 6,
     "api": 7,
     "listen": 7,
     "app": 8,
     "cli": 9,
     "device": 9,
+    "fleetcli": 9,
     "__main__": 10,
 }
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from tether import __version__
 from tether.api import device_socket, environments, errors, health, metrics, relay_socket
+from tether.api.console import router as console_router
 from tether.api.limits import BodyLimit
 from tether.bus.base import Bus
 from tether.bus.memory import MemoryBus
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = build_node(settings)
+        metrics.instrument(node)
         # Start-up may wait for Redis or the database for as long as they are away. `tether serve`
         # cancels this task when SIGINT or SIGTERM arrives meanwhile (cli.py).
         app.state.starting = starting = asyncio.get_running_loop().create_task(node.start())
@@ -118,20 +120,23 @@ def create_app(settings: Settings) -> FastAPI:
             "health": "/healthz",
             "ready": "/readyz",
             "environments": "/v1/environments",
+            "console": "/ui",
         }
 
     app.include_router(health.router)
-    app.include_router(metrics.router)
     app.include_router(device_socket.router)
     app.include_router(relay_socket.router)
     app.include_router(environments.router)
+    app.include_router(console_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    metrics.install(app)  # last: its timing middleware is the outermost
     return app
 
 
 def banner(settings: Settings, new_key: str | None) -> None:
     base = settings.public_url or f"http://{_display_host(settings.host)}:{settings.port}"
     lines = [f"Tether {__version__} listening on {base} (pod {settings.pod_id}); API docs: {base}/docs"]
+    lines.append(f"Console: {base}/ui (sign in with an API key)")
     # Absolute paths throughout: the examples work pasted into a shell in any folder.
     key_file = Path(settings.data_dir).resolve() / "dev-key"
     if new_key is not None:

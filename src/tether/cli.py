@@ -1,4 +1,4 @@
-"""The `tether` command: serve, migrate, keys, device."""
+"""The `tether` command: serve, migrate, keys, device, and the fleet's envs and pods."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     import uvicorn
 
 from tether.clock import now_ms
-from tether.config import Settings, describe_settings, load_settings, parse_port
+from tether.config import Settings, describe_settings, load_settings, parse_letta_url, parse_port
 from tether.listen import open_listeners
+from tether.protocol.roles import DEFAULT_ROLE, ROLES
 from tether.store.base import SchemaTooNew
 from tether.store.sql import SqlStore
 
@@ -45,6 +46,13 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _letta_url_arg(text: str) -> str | None:
+    try:
+        return parse_letta_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -63,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (TETHER_HOST)")
     serve.add_argument("--port", type=_port, help="port to listen on (TETHER_PORT)")
+    serve.add_argument(
+        "--letta-url",
+        type=_letta_url_arg,
+        help="gateway mode: forward the agent API to this Letta server (TETHER_LETTA_URL)",
+    )
 
     sub.add_parser("migrate", help="apply database migrations (TETHER_DATABASE_URL)")
 
@@ -75,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         "--user", required=True, type=_name, help="user name within the organization (created on first use)"
     )
     create.add_argument("--name", default="api key", type=_name, help="a label for the key")
+    create.add_argument(
+        "--role",
+        default=DEFAULT_ROLE,
+        choices=ROLES,
+        help="admin: everything in the organization, the cluster and every trace; member (default): "
+        "acts on the organization's devices; readonly: sees, never acts (README \"Fleet API and roles\")",
+    )
     keys_sub.add_parser("list", help="list keys (never shows secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument(
@@ -87,14 +107,26 @@ def _parser() -> argparse.ArgumentParser:
 
     device = sub.add_parser("device", help="run the reference device (a simulated Letta Code listener)")
     device_run.add_arguments(device)
+
+    from tether.fleetcli import commands as fleet
+
+    fleet.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command is None or (args.command == "keys" and args.keys_command is None):
+    if (
+        args.command is None
+        or (args.command == "keys" and args.keys_command is None)
+        or (args.command == "envs" and args.envs_command is None)
+    ):
         args.show_help(sys.stderr)  # what there is to run, rather than "required: command"
         return 2
+    if args.command in ("envs", "pods"):
+        from tether.fleetcli import commands as fleet
+
+        return fleet.run(args)  # a client of a router's API: no TETHER_* settings apply
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -103,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.command == "serve":
-            return serve(settings.with_overrides(**_given(host=args.host, port=args.port)))
+            return serve(
+                settings.with_overrides(**_given(host=args.host, port=args.port, letta_url=args.letta_url))
+            )
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "keys":
@@ -165,7 +199,7 @@ def serve(settings: Settings) -> int:
         )
         return 2
     config = uvicorn.Config(
-        SocketsFirst(create_app(settings)),
+        SocketsFirst(create_app(settings), gateway=settings.letta_url is not None),
         host=settings.host,
         port=settings.port,
         backlog=settings.listen_backlog,
@@ -271,21 +305,21 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     await store.start()
     try:
         if args.keys_command == "create":
-            secret = await store.create_key(args.org, args.user, args.name, now_ms())
+            secret = await store.create_key(args.org, args.user, args.name, now_ms(), args.role)
             print(
-                f"created key for user {args.user!r} in organization {args.org!r}; "
+                f"created {args.role} key for user {args.user!r} in organization {args.org!r}; "
                 "store it now, it is not shown again:"
             )
             print(secret)
             return 0
         if args.keys_command == "list":
             rows = await store.list_keys()
-            header = ("KEY ID", "ORG", "USER", "USER ID", "NAME", "CREATED (UTC)", "STATUS")
+            header = ("KEY ID", "ORG", "USER", "USER ID", "NAME", "ROLE", "CREATED (UTC)", "STATUS")
             table = [header]
             for k in rows:
                 created = dt.datetime.fromtimestamp(k.created_at / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
                 status = "revoked" if k.revoked_at else "active"
-                table.append((k.key_id, k.org_name, k.user_name, k.user_id, k.name, created, status))
+                table.append((k.key_id, k.org_name, k.user_name, k.user_id, k.name, k.role, created, status))
             widths = [max(len(row[i]) for row in table) for i in range(len(header))]
             for row in table:
                 print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -128,6 +128,25 @@ def _database_url(text: str) -> str | None:
     return f"{driver}://{rest}"
 
 
+def parse_letta_url(text: str) -> str | None:
+    value = text.strip().rstrip("/")
+    if not value:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError(
+            f"expected the Letta server's http(s):// URL such as http://127.0.0.1:8284, got {text!r}"
+        )
+    return value
+
+
+def _auth_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("tether", "upstream"):
+        raise ValueError(f"expected tether or upstream, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
@@ -291,6 +310,59 @@ class Settings:
         default=10.0,
         metadata={"doc": "How long a verified API key is cached; a revoked key stops working within this."},
     )
+    letta_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "Gateway mode: the upstream Letta server (e.g. http://127.0.0.1:8284). Tether keeps "
+            "its own routes (/v1/environments, /v1/tether, /ui, /metrics, health) and forwards every "
+            "other request there, so devices and SDKs need one LETTA_BASE_URL.",
+            "parse": parse_letta_url,
+        },
+    )
+    letta_api_key: str | None = field(
+        default=None,
+        metadata={
+            "doc": "Gateway mode with Tether keys: the credential sent to the Letta server (its "
+            "LETTA_SERVER_PASSWORD, if it has one). Clients never see it.",
+            "parse": _opt_str,
+        },
+    )
+    auth: str = field(
+        default="tether",
+        metadata={
+            "doc": "Who issues API keys. tether: Tether's own keys (tether keys create) on every route. "
+            "upstream (gateway mode only): exactly the bearer credentials the Letta server accepts, "
+            "each an organization of its own.",
+            "parse": _auth_mode,
+        },
+    )
+    letta_connect_timeout_seconds: float = field(
+        default=5.0,
+        metadata={
+            "doc": "Gateway mode: longest wait to connect to the Letta server, or for a free pooled "
+            "connection (then 502 or 503, both retryable)."
+        },
+    )
+    letta_read_timeout_seconds: float = field(
+        default=300.0,
+        metadata={
+            "doc": "Gateway mode: longest silence from the Letta server within one response (agent "
+            "turns wait on the model; its event streams ping every 20 s) before the client gets 504."
+        },
+    )
+    letta_max_connections: int = field(
+        default=256,
+        metadata={
+            "doc": "Gateway mode: connections kept to the Letta server (requests beyond wait for one)."
+        },
+    )
+    letta_max_body_bytes: int = field(
+        default=256 * MiB,
+        metadata={
+            "doc": "Gateway mode: largest request body forwarded (file uploads, agent imports); streamed, "
+            "never held whole. Larger gets 413."
+        },
+    )
 
     @property
     def resolved_database_url(self) -> str:
@@ -329,7 +401,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 values[f.name] = _parser(f)(env[name])
             except ValueError as exc:
                 raise SystemExit(f"tether: invalid {name}: {exc}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.auth == "upstream" and settings.letta_url is None:
+        raise SystemExit(
+            "tether: TETHER_AUTH=upstream needs TETHER_LETTA_URL (the Letta server that checks the keys)"
+        )
+    return settings
 
 
 def describe_settings() -> str:

@@ -14,6 +14,7 @@ import random
 from tether.bus.base import Bus
 from tether.clock import now_ms
 from tether.config import Settings
+from tether.gateway.gateway import Gateway
 from tether.hub import Hub
 from tether.livestate.base import LiveState
 from tether.metrics import Counters
@@ -47,7 +48,11 @@ class Node:
             grace_seconds=settings.reconnect_grace_seconds,
             send_timeout_seconds=settings.send_timeout_seconds,
         )
-        self.auth = AuthCache(store, settings.auth_cache_seconds * 1000)
+        self.gateway = Gateway(settings, store) if settings.letta_url else None
+        keys = self.gateway.keys if self.gateway is not None else None
+        self.auth = AuthCache(
+            keys.verify if keys is not None else store.authenticate, settings.auth_cache_seconds * 1000
+        )
         self.environments = Environments(settings, store, live, self.hub, bus, self.counters)
         self.sending = Sending(live, self.hub, self.counters)
         self.leases = Leases(settings, store, live, self.hub, bus, self.counters, self.tasks)
@@ -72,6 +77,8 @@ class Node:
         await self.bus.close()
         await self.live.close()
         await self.store.close()
+        if self.gateway is not None:
+            await self.gateway.close()
 
     async def drain(self, window_s: float) -> None:
         """Close device sockets spread over the window so devices reconnect to other pods gradually."""
@@ -99,6 +106,9 @@ class Node:
             return False, "bus (Redis) subscription not running"
         if self.draining:
             return False, "draining"
+        if self.gateway is not None:
+            # Devices can connect without it, but every agent turn they run would fail.
+            return await self.gateway.ready()
         return True, "ok"
 
     # ---- loops ---------------------------------------------------------------------------

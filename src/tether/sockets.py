@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import Protocol
 
+from tether.metrics import Histogram
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import with_seq
 from tether.protocol.history import History
@@ -33,7 +35,7 @@ class Transport(Protocol):
 class DeviceSocket:
     """One device WebSocket. Writes are serialised; the device reads promptly (it drops us otherwise)."""
 
-    __slots__ = ("_lock", "_waiting", "closed", "max_waiting", "transport")
+    __slots__ = ("_lock", "_waiting", "close_code", "closed", "max_waiting", "transport")
 
     def __init__(self, transport: Transport, max_waiting: int) -> None:
         self.transport = transport
@@ -41,6 +43,7 @@ class DeviceSocket:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self.closed = False
+        self.close_code: int | None = None  # set when the router closed it
 
     async def send(self, text: str) -> bool:
         """Write one frame; False when the socket is gone or too many writes already wait on it."""
@@ -66,6 +69,7 @@ class DeviceSocket:
         if self.closed:
             return
         self.closed = True
+        self.close_code = code
         with contextlib.suppress(Exception):
             await self.transport.close(code, reason)
 
@@ -84,6 +88,7 @@ class ClientSocket:
         history: History,
         max_frames: int,
         max_bytes: int,
+        latency: Histogram | None = None,
     ) -> None:
         self.id = socket_id
         self.transport: Transport | None = transport
@@ -103,6 +108,10 @@ class ClientSocket:
         self._flush_scheduled = False
         self._gathered = False
         self._waiting: asyncio.Task[None] | None = None  # a write waiting for the socket's buffer
+        # When the oldest relayed frame not yet written was handed over (0.0: none): one
+        # observation of `latency` per write, not per frame.
+        self.latency = latency
+        self._handed_at = 0.0
         self.on_overflow: Callable[[ClientSocket], None] | None = None
 
     def start(self) -> None:
@@ -116,6 +125,8 @@ class ClientSocket:
         out = with_seq(text, self.seq)
         self.history.append(self.seq, out)
         if self.transport is not None and not self.closed:
+            if not self._handed_at:
+                self._handed_at = perf_counter()
             self.push(out)
 
     def push(self, text: str) -> None:
@@ -152,11 +163,14 @@ class ClientSocket:
                 # The socket's buffer is full (or this transport only writes by awaiting): a task
                 # waits for it and writes this batch and the rest, in order.
                 self._waiting = asyncio.get_running_loop().create_task(self._write_waiting(batch))
+            else:
+                self._written()
 
     async def _write_waiting(self, batch: list[str]) -> None:
         try:
             while self.transport is not None and not self.closed:
                 await self.transport.send_many(batch)
+                self._written()
                 if not self._queue:
                     break
                 batch = self._take_batch()
@@ -164,6 +178,15 @@ class ClientSocket:
             self.closed = True
         finally:
             self._waiting = None
+
+    def _written(self) -> None:
+        """A write went out: its oldest relayed frame's wait. What is still queued has waited at
+        least until now (a lower bound: one timestamp, not one per frame)."""
+        if self._handed_at:
+            now = perf_counter()
+            if self.latency is not None:
+                self.latency.observe(now - self._handed_at)
+            self._handed_at = now if self._queue else 0.0
 
     @property
     def queued(self) -> int:
@@ -197,6 +220,7 @@ class ClientSocket:
         self.detached_at = at_ms
         self._queue.clear()
         self._queued_bytes = 0
+        self._handed_at = 0.0
         self._started = False  # a resumed socket starts again once accepted
         self.stop_writer()
 

@@ -8,6 +8,7 @@ from fastapi import Request
 
 from tether.api.errors import ApiError
 from tether.node import Node
+from tether.protocol.roles import may_act
 from tether.store.base import Principal
 
 
@@ -25,6 +26,7 @@ def bearer(headers: Mapping[str, str], query: Mapping[str, str] | None = None) -
     return None
 
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="tether"'}
 
 
@@ -40,4 +42,7 @@ async def require_principal(request: Request) -> Principal:
     principal = await node_of(request).auth.resolve(secret)
     if principal is None:
         raise ApiError(401, "UNAUTHORIZED", "invalid or revoked API key", _CHALLENGE)
+    if request.method not in _READS and not may_act(principal.role):
+        # The one role check of every REST write (and of writes forwarded in gateway mode).
+        raise ApiError(403, "FORBIDDEN", f"a {principal.role} key may look but not act")
     return principal

@@ -9,6 +9,7 @@ from fastapi import APIRouter, WebSocket
 
 from tether.api.auth import bearer
 from tether.api.transport import WsTransport
+from tether.gateway.upstream import UpstreamFailure
 from tether.node import Node
 from tether.ops.leases import DeviceSession, LeaseRefused
 from tether.protocol import closes
@@ -76,7 +77,12 @@ async def _receive(ws: WebSocket, session: DeviceSession) -> bool:
 async def device_socket(ws: WebSocket, connection_id: str) -> None:
     node: Node = ws.app.state.node
     secret = bearer(ws.headers)
-    principal = await node.auth.resolve(secret) if secret else None
+    try:
+        principal = await node.auth.resolve(secret) if secret else None
+    except UpstreamFailure as exc:
+        await ws.accept()  # upstream-keys mode, the Letta server unreachable: not the key's fault
+        await ws.close(closes.TRY_AGAIN_LATER, exc.message[:120])
+        return
     await ws.accept()
     # Refusals complete the upgrade and then close: only a close code makes the device act
     # (1008 -> re-register); a refused upgrade would just be retried for five minutes.

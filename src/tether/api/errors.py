@@ -12,6 +12,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tether.api.responses import Json
+from tether.gateway.upstream import UpstreamFailure
 from tether.livestate.base import LiveStateUnavailable
 
 log = logging.getLogger("tether.api")
@@ -102,7 +103,16 @@ def install(app: FastAPI) -> None:
         log.warning("live state unavailable on %s %s: %r", request.method, request.url.path, exc)
         return error_response(503, "LIVE_STATE_UNAVAILABLE", "Redis is unreachable; retry shortly")
 
+    async def _upstream(request: Request, exc: Exception) -> Json:
+        assert isinstance(exc, UpstreamFailure)
+        if request.scope["type"] != "http":
+            raise exc
+        # Upstream-keys mode: the Letta server could not say whether the key is good.
+        retry = {"x-should-retry": "true" if exc.retry else "false"}
+        return error_response(exc.status, exc.code, exc.message, retry)
+
     # Handled here rather than by the catch-all below, which Starlette re-raises after answering.
+    app.add_exception_handler(UpstreamFailure, _upstream)
     app.add_exception_handler(sa_exc.SQLAlchemyError, _storage)
     app.add_exception_handler(OSError, _storage)
     app.add_exception_handler(LiveStateUnavailable, _live_state)

@@ -1,4 +1,4 @@
-"""The device and relay WebSockets, served ahead of FastAPI's HTTP stack.
+"""The device and relay WebSockets (and, in gateway mode, the upstream's routes), served ahead of FastAPI.
 
 A device holds two sockets for hours. Behind FastAPI each one keeps about twenty coroutine frames alive
 (middleware, exception wrappers, router, exit stacks) and every frame it receives or sends passes
@@ -15,15 +15,17 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from tether.api import device_socket, relay_socket
+from tether.api import device_socket, gateway, relay_socket
+from tether.gateway.routes import served_here
 
 _DEVICE = re.compile(r"/v1/environments/ws/([^/]+)")
 _RELAY = re.compile(r"/v1/environments/([^/]+)/status/ws")
 
 
 class SocketsFirst:
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, gateway: bool = False) -> None:
         self.app = app
+        self.gateway = gateway  # gateway mode: what is not Tether's goes to the Letta server
 
     @property
     def state(self) -> State:
@@ -43,4 +45,8 @@ class SocketsFirst:
                 scope["app"] = self.app
                 await relay_socket.relay_socket(WebSocket(scope, receive, send), relay.group(1))
                 return
+        elif scope["type"] == "http" and self.gateway and not served_here(scope["path"]):
+            scope["app"] = self.app
+            await gateway.forward(scope, receive, send)
+            return
         await self.app(scope, receive, send)

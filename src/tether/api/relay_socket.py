@@ -10,6 +10,7 @@ from fastapi import APIRouter, WebSocket
 from tether.api.auth import bearer
 from tether.api.errors import error_response
 from tether.api.transport import WsTransport
+from tether.gateway.upstream import UpstreamFailure
 from tether.node import Node
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import FrameError, decode
@@ -35,7 +36,12 @@ async def relay_socket(ws: WebSocket, connection_id: str) -> None:
     node: Node = ws.app.state.node
     params = ws.query_params
     secret = bearer(ws.headers, params)
-    principal = await node.auth.resolve(secret) if secret else None
+    try:
+        principal = await node.auth.resolve(secret) if secret else None
+    except UpstreamFailure as exc:
+        retry = {"x-should-retry": "true" if exc.retry else "false"}
+        await ws.send_denial_response(error_response(exc.status, exc.code, exc.message, retry))
+        return
     if principal is None:
         await ws.send_denial_response(error_response(401, "UNAUTHORIZED", "missing or invalid API key"))
         return

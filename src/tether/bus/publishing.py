@@ -12,6 +12,7 @@ import logging
 from collections import deque
 
 from tether.bus.watchers import WatchersCache
+from tether.clock import now_ms
 from tether.protocol.events import DeviceEvent, DeviceState
 from tether.redisconn.backoff import Backoff
 from tether.redisconn.health import REDIS_ERRORS
@@ -99,7 +100,8 @@ class EventPublisher:
 
 
 def _fields(pod_id: str, connection_id: str, counter: int, event: DeviceEvent) -> Fields:
-    fields = {"c": connection_id, "p": pod_id, "n": str(counter)}
+    # "t": when it was written, so the reading pod can measure the bus's lag (tether_bus_lag_seconds).
+    fields = {"c": connection_id, "p": pod_id, "n": str(counter), "t": str(now_ms())}
     if event.frame is not None:
         fields["f"] = event.frame.text
     if event.gap_before:

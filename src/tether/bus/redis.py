@@ -24,6 +24,7 @@ from tether.bus.publishing import EventPublisher
 from tether.bus.watchers import WatchersCache
 from tether.bus.watching import Watches
 from tether.config import Settings
+from tether.metrics import BUS_LAG_BUCKETS, Histogram
 from tether.protocol.events import DeviceEvent
 from tether.redisconn.cancel import stop_tasks
 from tether.redisconn.connect import connect_lean
@@ -47,7 +48,10 @@ class RedisBus(BoundBus):
         watchers = WatchersCache(self.link)
         self._inbox = Inbox(self.link, self._writes, self, watchers.heard_from)
         self._publisher = EventPublisher(self.link, self._writes, watchers)
-        self._watches = Watches(self.link, self._inbox, self)
+        # Publish (owning pod's clock) to read (this pod's): tether_bus_lag_seconds.
+        self.lag = Histogram(BUS_LAG_BUCKETS)
+        self._healths: list[RedisHealth] = []
+        self._watches = Watches(self.link, self._inbox, self, self.lag)
         self._inbox_reader = self._reader("its inbox", self.keys.inbox(self.pod_id), self._inbox.on_entry)
         # Back after an outage, the event reader joins the watchers again (Redis may have restarted empty).
         self._event_reader = self._reader(
@@ -67,6 +71,7 @@ class RedisBus(BoundBus):
         on_back: Callable[[], Awaitable[None]] | None = None,
     ) -> StreamReader:
         health = RedisHealth(f"pod {self.pod_id}", log)
+        self._healths.append(health)
         return StreamReader(name, stream, self.link.address, health, on_entry, log, on_back)
 
     async def start(self) -> None:
@@ -91,6 +96,11 @@ class RedisBus(BoundBus):
         self._inbox_reader.close()
         self._event_reader.close()
         await self.link.redis.aclose()
+
+    @property
+    def redis_failures(self) -> int:
+        """Failed reads of this pod's streams since start (tether_redis_errors_total)."""
+        return sum(h.failures for h in self._healths)
 
     @property
     def healthy(self) -> bool:

@@ -19,6 +19,7 @@ from tether.bus.base import BoundBus
 from tether.bus.gaps import Gaps
 from tether.bus.inbox import Inbox
 from tether.clock import now_ms
+from tether.metrics import Histogram
 from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.frames import Frame, FrameError, decode
 from tether.redisconn.health import REDIS_ERRORS
@@ -35,8 +36,9 @@ WATCH_TTL_SECONDS = 30.0
 
 
 class Watches:
-    def __init__(self, link: PodLink, inbox: Inbox, bus: BoundBus) -> None:
+    def __init__(self, link: PodLink, inbox: Inbox, bus: BoundBus, lag: Histogram) -> None:
         self._link = link
+        self._lag = lag
         self._redis = link.redis
         self._inbox = inbox
         self._bus = bus
@@ -116,6 +118,10 @@ class Watches:
         connection_id = fields.get("c", "")
         if connection_id not in self._watched:
             return  # unwatched since it was written
+        written = fields.get("t")
+        if written is not None:
+            # Across two pods' clocks: skew shows as lag (or as 0, clamped), so keep pods on NTP.
+            self._lag.observe(max(0, now_ms() - int(written)) / 1000)
         frame = _frame(connection_id, fields.get("f"))
         gap = self._gaps.event(
             connection_id,

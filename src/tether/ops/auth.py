@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from tether.clock import now_ms
-from tether.store.base import Principal, Store
+from tether.store.base import Principal
+
+# Who checks a credential: the store for Tether's keys, the upstream Letta server in upstream-keys
+# mode (gateway/credentials.py). None means refused; an exception means it could not be checked.
+Verify = Callable[[str], Awaitable[Principal | None]]
 
 
 class AuthCache:
-    """Verified keys for a short while, so the hot paths do not hit the database per request.
+    """Verified keys for a short while, so the hot paths do not check each one per request.
 
     Concurrent misses for one key share one database read: when the entry expires in the middle of a
     reconnect storm, thousands of handshakes carrying the same key would otherwise queue a query each
     for the connection pool."""
 
-    def __init__(self, store: Store, ttl_ms: float, max_entries: int = 10_000) -> None:
-        self.store = store
+    def __init__(self, verify: Verify, ttl_ms: float, max_entries: int = 10_000) -> None:
+        self.verify = verify
         self.ttl_ms = ttl_ms
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, Principal]] = {}
@@ -36,7 +41,7 @@ class AuthCache:
 
     async def _read(self, secret: str) -> Principal | None:
         now = now_ms()
-        principal = await self.store.authenticate(secret)
+        principal = await self.verify(secret)
         if principal is None:
             return None  # not cached: a key created a moment later must work at once
         if len(self._cache) >= self.max_entries:

@@ -31,20 +31,25 @@ class Environments:
     async def register(self, principal: Principal, body: dict[str, Any], ws_base: str) -> dict[str, Any]:
         connection_id = f"conn-{uuid.uuid4().hex}"
         self.counters.registrations += 1
-        result = await self.store.register(
-            Registration(
-                org_id=principal.org_id,
-                user_id=principal.user_id,
-                device_id=body["deviceId"],
-                listener_instance_id=body.get("listenerInstanceId"),
-                connection_name=body["connectionName"],
-                metadata=body.get("metadata") or {},
-                connection_id=connection_id,
-                now_ms=now_ms(),
+        try:
+            result = await self.store.register(
+                Registration(
+                    org_id=principal.org_id,
+                    user_id=principal.user_id,
+                    device_id=body["deviceId"],
+                    listener_instance_id=body.get("listenerInstanceId"),
+                    connection_name=body["connectionName"],
+                    metadata=body.get("metadata") or {},
+                    connection_id=connection_id,
+                    now_ms=now_ms(),
+                )
             )
-        )
+        except Exception:
+            self.counters.registrations_failed += 1  # the database: the REST edge answers 503
+            raise
         previous = result.previous_connection_id
         if previous is not None:
+            self.counters.registrations_replacing += 1
             # A newer registration took the slot: the old process must stop (device-protocol §4.2).
             await self._end_lease(previous, closes.REPLACED, closes.REPLACED_REASON)
         split = self.settings.split_channels

@@ -33,6 +33,7 @@ from tether.protocol.lease import (
 )
 from tether.protocol.pairing import Channel, Close, Hello, Ready, Send
 from tether.protocol.presence import lease_expired
+from tether.protocol.roles import may_act
 from tether.sockets import DeviceSocket
 from tether.store.base import PresenceChange, Principal, Store
 from tether.tasks import TaskSet
@@ -84,6 +85,8 @@ class Leases:
         """The link a device socket joins, or LeaseRefused (the edge closes with 1008)."""
         if principal is None:
             raise LeaseRefused("invalid API key")
+        if not may_act(principal.role):
+            raise LeaseRefused(f"a {principal.role} key may not hold a device socket")
         link = self.hub.device(connection_id)
         if link is not None and link.org_id == principal.org_id and not link.lease.replaced:
             if hello.channel is Channel.STREAM and link.lease.pairing.control is not None:
@@ -285,6 +288,12 @@ class DeviceSession:
         self.leases.counters.device_malformed_frames += 1
         return self.leases.counters.device_malformed_frames
 
-    async def closed(self) -> None:
+    async def closed(self, code: int | None = None) -> None:
+        """The socket is gone; `code`: the close code the device sent, if the edge saw one."""
+        sock = self.sock
+        by_router = sock.close_code
+        self.leases.counters.device_disconnects.inc(
+            str(by_router if by_router is not None else code if code is not None else "unknown")
+        )
         self.sock.closed = True
         await self.leases.run(self.link, self.link.lease.closed(self.sock, now_ms()))

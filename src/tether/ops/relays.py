@@ -21,6 +21,7 @@ from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync
 from tether.protocol.history import History
 from tether.protocol.ratelimit import TokenBucket
+from tether.protocol.roles import may_act
 from tether.sockets import ClientSocket, Transport
 from tether.store.base import Principal
 from tether.tasks import TaskSet
@@ -62,11 +63,14 @@ class Relays:
                 missed = old.history.since(resume[1])
                 old.attach(transport, missed or [])
                 watch.resume(old)
-                if missed is None:
+                if missed is not None:
+                    self.counters.resume_hits += 1
+                else:
+                    self.counters.resume_history_gone += 1
                     old.deliver(
                         encode({"type": "resync_required", "reason": "resume point is no longer in history"})
                     )
-                return RelaySession(self, watch, old)
+                return RelaySession(self, watch, old, may_act(principal.role))
         settings = self.settings
         sock = ClientSocket(
             socket_id,
@@ -78,14 +82,16 @@ class Relays:
             History(settings.history_frames, settings.history_bytes),
             settings.client_queue_frames,
             settings.client_queue_bytes,
+            self.counters.frame_latency,
         )
         sock.on_overflow = self._slow_client
         fresh_scope = watch.add(sock)
         if resume is not None:
+            self.counters.resume_misses += 1
             sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
         if fresh_scope and scope.agent_id is not None and not watch.device_away:
             await self.subscribe(watch, scope)
-        return RelaySession(self, watch, sock)
+        return RelaySession(self, watch, sock, may_act(principal.role))
 
     async def subscribe(self, watch: Watch, scope: Scope) -> None:
         """Subscribe the device connection to a scope: it emits scoped events only for subscribers."""
@@ -148,9 +154,10 @@ class Relays:
 class RelaySession:
     """One relay socket, as its edge sees it: started, frames, closed."""
 
-    __slots__ = ("bucket", "relays", "sock", "watch")
+    __slots__ = ("bucket", "may_act", "relays", "sock", "watch")
 
-    def __init__(self, relays: Relays, watch: Watch, sock: ClientSocket) -> None:
+    def __init__(self, relays: Relays, watch: Watch, sock: ClientSocket, may_act: bool = True) -> None:
+        self.may_act = may_act  # a readonly key watches; its commands are refused
         self.relays = relays
         self.watch = watch
         self.sock = sock
@@ -174,6 +181,9 @@ class RelaySession:
             self.sock.push(error_frame(frame.request_id, "rate limit exceeded; slow down", "rate_limited"))
             return
         relays, sock = self.relays, self.sock
+        if not self.may_act:
+            sock.push(error_frame(frame.request_id, "a readonly key may not send commands", "forbidden"))
+            return
         if frame.request_id is not None:
             self.watch.fanout.remember_request(frame.request_id, sock)
         # No shortcut on watch.device_away: across pods, state news can arrive out of order, and

@@ -12,6 +12,7 @@ REPLACED = 1000  # with REPLACED_REASON: a newer registration took the slot; the
 REPLACED_REASON = "Replaced by new connection"
 LEASE_UNKNOWN = 1008  # unknown, expired or deleted lease, or a bad key: the device re-registers
 DRAIN = 1012  # this pod is shutting down: reconnect (to another pod)
+TRY_AGAIN_LATER = 1013  # the key could not be checked (upstream-keys mode, Letta server away)
 SUPERSEDED = 4000  # a newer socket of the same device took over (also: reconnected through another pod)
 STALE_GENERATION = 4001  # a delayed socket of an older connection attempt
 GENERATION_MISMATCH = 4002  # a stream socket that matches no current control socket

@@ -42,6 +42,7 @@ class RedisHealth:
         self.who = who
         self.up = False
         self.ok_at = 0.0
+        self.failures = 0  # failed calls since start (tether_redis_errors_total)
         self._log = log
         self._on_back = on_back
         self._on_failure = on_failure
@@ -58,6 +59,7 @@ class RedisHealth:
         return True
 
     def failed(self, during: str, exc: BaseException) -> None:
+        self.failures += 1
         if self.up:
             self._log.warning("%s: Redis unavailable during %s: %s", self.who, during, describe(exc))
         self.up = False

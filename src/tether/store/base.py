@@ -30,6 +30,7 @@ class Principal:
     key_id: str
     org_id: str
     user_id: str
+    role: str = "member"  # protocol/roles.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class ApiKeyInfo:
     user_name: str
     created_at: int
     revoked_at: int | None
+    role: str = "member"
 
 
 @dataclass(slots=True)
@@ -137,7 +139,9 @@ class Store(Protocol):
     async def ping(self) -> None: ...
 
     # keys, organizations, users
-    async def create_key(self, org_name: str, user_name: str, key_name: str, now_ms: int) -> str: ...
+    async def create_key(
+        self, org_name: str, user_name: str, key_name: str, now_ms: int, role: str = "member"
+    ) -> str: ...
     async def create_first_key(self, org_name: str, user_name: str, key_name: str, now_ms: int) -> str | None:
         """Create a key only if the database holds none (atomic across pods); None when one exists."""
         ...
@@ -170,3 +174,13 @@ class Store(Protocol):
     async def update_teleport(
         self, teleport_id: str, status: str, error: str | None, now_ms: int
     ) -> None: ...
+
+    # gateway mode
+    async def ensure_principal(self, org_name: str, user_name: str, key_id: str, now_ms: int) -> Principal:
+        """The principal of a credential Tether does not issue (upstream keys), created on first use."""
+        ...
+
+    async def upstream_actor(self, org_id: str, user_id: str) -> tuple[str, str | None] | None: ...
+    async def save_upstream_actor(
+        self, org_id: str, user_id: str, letta_org_id: str, letta_user_id: str, now_ms: int, replace: bool
+    ) -> tuple[str, str]: ...

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tether.protocol.roles import DEFAULT_ROLE, parse_role
 from tether.store.base import ApiKeyInfo, Principal
 from tether.store.engine import MIGRATION_LOCK
 from tether.store.rows import new_id, storable
@@ -46,11 +47,14 @@ class KeysSql:
             await conn.execute(users.insert().values(id=user_id, org_id=org_id, name=user, created_at=now))
         return org_id, user_id
 
-    async def create_key(self, org_name: str, user_name: str, key_name: str, now_ms: int) -> str:
+    async def create_key(
+        self, org_name: str, user_name: str, key_name: str, now_ms: int, role: str = DEFAULT_ROLE
+    ) -> str:
+        role = parse_role(role)  # ValueError before anything is written
         for attempt in range(3):
             try:
                 async with self.engine.begin() as conn:
-                    return await self._insert_key(conn, org_name, user_name, key_name, now_ms)
+                    return await self._insert_key(conn, org_name, user_name, key_name, now_ms, role)
             except IntegrityError:
                 # Another process created the same organization or user first; use theirs.
                 if attempt == 2:
@@ -73,7 +77,13 @@ class KeysSql:
             await conn.execute(api_keys.update().where(sa.false()).values(name=api_keys.c.name))
 
     async def _insert_key(
-        self, conn: AsyncConnection, org_name: str, user_name: str, key_name: str, now_ms: int
+        self,
+        conn: AsyncConnection,
+        org_name: str,
+        user_name: str,
+        key_name: str,
+        now_ms: int,
+        role: str = DEFAULT_ROLE,
     ) -> str:
         key_id = uuid.uuid4().hex[:16]
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
@@ -86,6 +96,7 @@ class KeysSql:
                 name=key_name,
                 secret_hash=_hash_secret(secret),
                 created_at=now_ms,
+                role=role,
             )
         )
         return secret
@@ -101,6 +112,7 @@ class KeysSql:
                 users.c.name.label("user_name"),
                 api_keys.c.created_at,
                 api_keys.c.revoked_at,
+                api_keys.c.role,
             )
             .join(organizations, organizations.c.id == api_keys.c.org_id)
             .join(users, users.c.id == api_keys.c.user_id)
@@ -118,6 +130,7 @@ class KeysSql:
                 user_name=r["user_name"],
                 created_at=r["created_at"],
                 revoked_at=r["revoked_at"],
+                role=r["role"],
             )
             for r in rows
         ]
@@ -148,4 +161,13 @@ class KeysSql:
             row = (await conn.execute(q)).mappings().first()
         if row is None or not hmac.compare_digest(row["secret_hash"], _hash_secret(secret)):
             return None
-        return Principal(key_id=row["id"], org_id=row["org_id"], user_id=row["user_id"])
+        return Principal(key_id=row["id"], org_id=row["org_id"], user_id=row["user_id"], role=row["role"])
+
+    async def principal_names(self, org_id: str, user_id: str) -> tuple[str | None, str | None]:
+        """The organization's and the user's names (None for one that is gone)."""
+        async with self.engine.connect() as conn:
+            org = (
+                await conn.execute(sa.select(organizations.c.name).where(organizations.c.id == org_id))
+            ).scalar()
+            user = (await conn.execute(sa.select(users.c.name).where(users.c.id == user_id))).scalar()
+        return org, user

@@ -34,6 +34,8 @@ api_keys = sa.Table(
     sa.Column("secret_hash", sa.String(128), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    # admin | member | readonly (issue 15); migration 0002
+    sa.Column("role", sa.String(16), nullable=False, server_default="member"),
 )
 
 environments = sa.Table(
@@ -78,4 +80,16 @@ teleports = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("org_id", "idempotency_key", name="uq_teleports_idempotency"),
+)
+
+# Gateway mode (Tether keys): the upstream Letta user each Tether user acts as, so that organizations
+# stay apart upstream as they do here.
+upstream_actors = sa.Table(
+    "upstream_actors",
+    metadata,
+    sa.Column("org_id", sa.String(64), sa.ForeignKey("organizations.id"), primary_key=True),
+    sa.Column("user_id", sa.String(64), sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("letta_org_id", sa.String(128), nullable=False),
+    sa.Column("letta_user_id", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
 )
