@@ -140,9 +140,10 @@ def start_router(
     org: str = "acme",
     user: str = "alice",
     create_key: bool = True,
+    wait_path: str = "/readyz",
     **settings: Any,
 ) -> Router:
-    """Start `tether serve` and wait until /readyz answers."""
+    """Start `tether serve`; wait until `wait_path` answers 200 (/healthz: a router that cannot be ready)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / ".tether"
     port = port or free_port()
@@ -175,7 +176,7 @@ def start_router(
         if proc.poll() is not None:
             raise RuntimeError(f"router exited with {proc.returncode}:\n{router.log()}")
         try:
-            if httpx.get(f"{router.base_url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{router.base_url}{wait_path}", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

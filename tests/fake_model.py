@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,6 +127,12 @@ def stream_chunks(body: dict[str, Any], call: int) -> list[dict[str, Any]]:
     return chunks
 
 
+def _piece(chunk: dict[str, Any]) -> str:
+    """The content a streamed chunk carries ('' for role, finish and usage chunks)."""
+    choices = chunk.get("choices") or [{}]
+    return str((choices[0].get("delta") or {}).get("content") or "")
+
+
 class FakeModel:
     """The model server, on a free port of 127.0.0.1; `base_url` is what OPENAI_BASE_URL takes."""
 
@@ -136,6 +143,11 @@ class FakeModel:
         self._calls = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # A slow provider: seconds before any answer, and between streamed chunks.
+        self.delay_s = 0.0
+        self.chunk_delay_s = 0.0
+        # (content piece, time.monotonic() when written) of streamed chunks, for latency figures.
+        self.emitted: deque[tuple[str, float]] = deque(maxlen=RECORD_LIMIT * 10)
 
     @property
     def port(self) -> int:
@@ -246,6 +258,8 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
             if body.get("model") not in model.models:
                 self._error(404, f"the model `{body.get('model')}` does not exist")
                 return
+            if model.delay_s:
+                time.sleep(model.delay_s)
             if not body.get("stream"):
                 self._send_json(200, completion(body, call))
                 return
@@ -254,11 +268,16 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            events = [f"data: {json.dumps(c)}\n\n" for c in stream_chunks(body, call)] + ["data: [DONE]\n\n"]
-            for event in events:
+            chunks = stream_chunks(body, call)
+            events = [(f"data: {json.dumps(c)}\n\n", _piece(c)) for c in chunks] + [("data: [DONE]\n\n", "")]
+            for event, piece in events:
+                if piece and model.chunk_delay_s:
+                    time.sleep(model.chunk_delay_s)
                 data = event.encode()
                 self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
+                if piece:
+                    model.emitted.append((piece, time.monotonic()))
             self.wfile.write(b"0\r\n\r\n")
 
     return Handler
