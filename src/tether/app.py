@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from tether import __version__
 from tether.api import device_socket, environments, errors, health, metrics, relay_socket
 from tether.api.console import router as console_router
+from tether.api.fleet import router as fleet_router
 from tether.api.limits import BodyLimit
 from tether.bus.base import Bus
 from tether.bus.memory import MemoryBus
@@ -127,6 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(device_socket.router)
     app.include_router(relay_socket.router)
     app.include_router(environments.router)
+    app.include_router(fleet_router)
     app.include_router(console_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     metrics.install(app)  # last: its timing middleware is the outermost
@@ -137,6 +139,9 @@ def banner(settings: Settings, new_key: str | None) -> None:
     base = settings.public_url or f"http://{_display_host(settings.host)}:{settings.port}"
     lines = [f"Tether {__version__} listening on {base} (pod {settings.pod_id}); API docs: {base}/docs"]
     lines.append(f"Console: {base}/ui (sign in with an API key)")
+    if settings.letta_url:
+        keys = "Tether keys" if settings.auth == "tether" else "the Letta server's own keys"
+        lines.append(f"Gateway: the agent API goes to the Letta server at {settings.letta_url} ({keys})")
     # Absolute paths throughout: the examples work pasted into a shell in any folder.
     key_file = Path(settings.data_dir).resolve() / "dev-key"
     if new_key is not None:
