@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import crosspod, idle, listing, load, relay, report
+from bench import crosspod, gateway, idle, listing, load, relay, report
 from bench.core import Figure, Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +26,7 @@ FIGURES: dict[str, Callable[[Run], Awaitable[None]]] = {
     "relay": relay.measure,
     "list": listing.measure,
     "crosspod": crosspod.measure,
+    "gateway": gateway.measure,
     "idle": idle.measure,
 }
 BUDGET_SECONDS = 600
