@@ -313,9 +313,15 @@ def test_a_device_appears_online_live_takes_a_message_and_reconnects_after_disco
     sent = tab.page.locator("#trace-rows tr[data-type=message]")
     expect(sent.first).to_be_visible()
     expect(sent.first.locator("td.content")).to_have_text("")
-    tab.page.check("#trace-contents")
+    # Contents are recorded only from the first poll that asks for them on: that poll, then a message.
+    with tab.page.expect_response(lambda r: "/trace?" in r.url and "contents=true" in r.url):
+        tab.page.check("#trace-contents")
+    expect(sent.first.locator("td.content")).to_have_text("not recorded (contents were off)")
+    tab.page.fill("#msg-text", "shown with contents")
+    tab.page.click("#send")
+    tab.confirm()
     expect(tab.page.locator("#trace-rows tr[data-type=message] td.content").first).to_contain_text(
-        "ping from the browser"
+        "shown with contents"
     )
 
     connects = tab.page.locator("#env-history tr[data-event=connected]").count()

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_ROLE,
         choices=ROLES,
         help="admin: everything in the organization, the cluster and every trace; member (default): "
-        "acts on the organization's devices; readonly: sees, never acts (README \"Fleet API and roles\")",
+        "acts on the organization's devices; readonly: sees, never acts (README: Fleet API and roles)",
     )
     keys_sub.add_parser("list", help="list keys (never shows secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")

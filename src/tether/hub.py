@@ -26,6 +26,7 @@ from tether.protocol.lease import Lease
 from tether.protocol.ordering import ReorderBuffer
 from tether.protocol.pairing import Close, Send
 from tether.protocol.presence import is_online
+from tether.protocol.trace import Trace, frame_type
 from tether.sockets import ClientSocket, DeviceSocket
 from tether.tasks import TaskSet
 
@@ -49,10 +50,23 @@ class DeviceLink:
     lease: Lease[DeviceSocket]
     away_timer: asyncio.TimerHandle | None = None
     reorder_timer: asyncio.TimerHandle | None = None
+    slot: str = ""  # the environment's history key (ops/fleet.py `slot_key`)
+    pending_approval: bool = False  # the frames show a conversation waiting for an approval
+    trace: Trace | None = None  # set only while a poll keeps it armed (ops/fleet.py)
 
     @property
     def ready(self) -> bool:
         return self.lease.ready
+
+    def traced(self, direction: str, channel: str, kind: str, text: str) -> None:
+        """Record a frame in the armed trace; an expired one is dropped here."""
+        trace, now = self.trace, now_ms()
+        if trace is None:
+            return
+        if not trace.armed(now):
+            self.trace = None
+            return
+        trace.record(now, direction, channel, kind, text)
 
 
 class FrameListener(Protocol):
@@ -75,6 +89,7 @@ class Watch:
     ownerless_since: int | None = None  # first sweep that found no pod holding the device
     _owner: str | None = None  # the pod last found holding the device, trusted until _owner_until
     _owner_until: int = 0
+    trace: Trace | None = None  # the device's armed trace, when it is held on this pod
 
     def cached_owner(self, now: int) -> str | None:
         return self._owner if now < self._owner_until else None
@@ -120,10 +135,19 @@ class Watch:
         self.sockets.add(sock)
 
     def deliver(self, frame: Frame, gap_before: bool) -> None:
+        if self.trace is not None and self.sockets:
+            self._traced(frame)
         for listener in list(self.listeners):
             listener.on_device_frame(self.connection_id, frame)
         for sock, text in self.fanout.route(frame, gap_before):
             sock.deliver(text)
+
+    def _traced(self, frame: Frame) -> None:
+        trace, now = self.trace, now_ms()
+        if trace is not None and trace.armed(now):
+            trace.record(now, "out", "relay", frame.type, frame.text)
+        else:
+            self.trace = None
 
     def owner_checked(self, owner: str | None, now: int, grace_ms: float) -> DeviceState | None:
         """A sweep found `owner` holding the device (None: no pod): the state news that implies.
@@ -183,7 +207,9 @@ class Hub:
     def links(self) -> list[DeviceLink]:
         return list(self._devices.values())
 
-    def link(self, connection_id: str, org_id: str, device_id: str, connection_name: str) -> DeviceLink:
+    def link(
+        self, connection_id: str, org_id: str, device_id: str, connection_name: str, slot: str = ""
+    ) -> DeviceLink:
         link = self._devices.get(connection_id)
         if link is None:
             link = DeviceLink(
@@ -193,6 +219,7 @@ class Hub:
                 connection_name=connection_name,
                 reorder=ReorderBuffer(self.reorder_wait_ms),
                 lease=Lease(self.grace_seconds),
+                slot=slot,
             )
             self._devices[connection_id] = link
         return link
@@ -290,13 +317,21 @@ class Hub:
     async def write_to_device(self, connection_id: str, text: str) -> bool:
         link = self._devices.get(connection_id)
         control = link.lease.pairing.control if link is not None and link.ready else None
-        return control is not None and await control.send(text)
+        if control is None or not await control.send(text):
+            return False
+        if link is not None and link.trace is not None:
+            link.traced("out", "control", frame_type(text), text)
+        return True
 
     def write_to_device_now(self, connection_id: str, text: str) -> bool:
         """`write_to_device` without awaiting, for a device held here whose socket takes it at once."""
         link = self._devices.get(connection_id)
         control = link.lease.pairing.control if link is not None and link.ready else None
-        return control is not None and control.send_nowait(text)
+        if control is None or not control.send_nowait(text):
+            return False
+        if link is not None and link.trace is not None:
+            link.traced("out", "control", frame_type(text), text)
+        return True
 
     def on_device_event(self, connection_id: str, event: DeviceEvent) -> None:
         watch = self._watches.get(connection_id)

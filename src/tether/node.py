@@ -20,7 +20,9 @@ from tether.livestate.base import LiveState
 from tether.metrics import Counters
 from tether.ops.auth import AuthCache
 from tether.ops.environments import Environments
+from tether.ops.fleet import Fleet
 from tether.ops.leases import Leases
+from tether.ops.podstats import PodStats
 from tether.ops.relays import Relays
 from tether.ops.sending import Sending
 from tether.ops.teleports import Teleports
@@ -58,6 +60,8 @@ class Node:
         self.leases = Leases(settings, store, live, self.hub, bus, self.counters, self.tasks)
         self.relays = Relays(settings, self.hub, self.counters, self.tasks)
         self.teleports = Teleports(store, live, self.hub, self.environments, self.tasks)
+        self.pod_stats = PodStats(settings, store, live, self.hub, self.counters)
+        self.fleet = Fleet(settings, store, live, self.hub, bus, self.pod_stats)
         self.draining = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -69,6 +73,7 @@ class Node:
         await self.store.clear_dead_pods(await self.live.live_pods(), now_ms())
         self.tasks.spawn(self._flush_loop())
         self.tasks.spawn(self._sweep_loop())
+        self.tasks.spawn(self.pod_stats.run())
 
     async def stop(self) -> None:
         await self.tasks.cancel()

@@ -35,7 +35,7 @@ class Transport(Protocol):
 class DeviceSocket:
     """One device WebSocket. Writes are serialised; the device reads promptly (it drops us otherwise)."""
 
-    __slots__ = ("_lock", "_waiting", "close_code", "closed", "max_waiting", "transport")
+    __slots__ = ("_lock", "_waiting", "close_code", "close_reason", "closed", "max_waiting", "transport")
 
     def __init__(self, transport: Transport, max_waiting: int) -> None:
         self.transport = transport
@@ -44,6 +44,7 @@ class DeviceSocket:
         self._waiting = 0
         self.closed = False
         self.close_code: int | None = None  # set when the router closed it
+        self.close_reason: str | None = None
 
     async def send(self, text: str) -> bool:
         """Write one frame; False when the socket is gone or too many writes already wait on it."""
@@ -70,6 +71,7 @@ class DeviceSocket:
             return
         self.closed = True
         self.close_code = code
+        self.close_reason = reason
         with contextlib.suppress(Exception):
             await self.transport.close(code, reason)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from tether.livestate.fleet import FleetNotes
 from tether.protocol.presence import Liveness
 
 
@@ -22,6 +23,8 @@ class LiveStateUnavailable(Exception):
 
 
 class LiveState(Protocol):
+    fleet: FleetNotes  # connection history and pod stats, for the fleet API
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 

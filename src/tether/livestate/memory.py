@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from tether.clock import now_ms
+from tether.livestate.fleet import FleetNotes, MemoryFleetNotes
 from tether.protocol.dedupe import DedupeWindow
 from tether.protocol.presence import Liveness
 
@@ -19,6 +20,7 @@ class MemoryLiveState:
         self._dirty: dict[str, int] = {}
         self._claims = DedupeWindow(dedupe_ms)
         self._runtimes: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self.fleet: FleetNotes = MemoryFleetNotes(pod_id)
 
     async def start(self) -> None:
         return None

@@ -18,6 +18,7 @@ from redis.asyncio.client import Pipeline
 
 from tether.config import Settings
 from tether.livestate.base import LiveStateUnavailable
+from tether.livestate.fleet import FleetNotes, RedisFleetNotes
 from tether.livestate.owned import OwnedLeases
 from tether.livestate.pods import LIVE_PODS_CACHE_SECONDS as LIVE_PODS_CACHE_SECONDS
 from tether.livestate.pods import LivePods
@@ -60,6 +61,8 @@ class RedisLiveState:
         pod_ttl_ms = int(settings.pod_ttl_seconds * 1000)
         self.pods = LivePods(self.link, self.health, pod_ttl_ms=pod_ttl_ms)
         self.owned = OwnedLeases(self.link, lease_ttl_ms=self.lease_ttl_ms)
+        self.notes = RedisFleetNotes(self.link, pod_ttl_ms)
+        self.fleet: FleetNotes = self.notes
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -79,6 +82,7 @@ class RedisLiveState:
             pipe: Pipeline = self.redis.pipeline(transaction=False)
             await self.owned.withdraw(pipe)
             self.pods.withdraw(pipe)
+            self.notes.withdraw(pipe)
             await pipe.execute()
         except REDIS_ERRORS as exc:
             log.warning("could not withdraw pod %s from Redis on shutdown: %r", self.pod_id, exc)
@@ -208,6 +212,7 @@ class RedisLiveState:
         if self.owned.needs_reassert:
             await self.owned.reassert_all()
         await self.owned.flush()
+        await self.notes.flush()
         if self.pods.due:
             await self.pods.read()
         self.health.ok()

@@ -12,6 +12,7 @@ from tether.hub import Hub
 from tether.livestate.base import LiveState
 from tether.metrics import Counters
 from tether.protocol import closes
+from tether.protocol.fleetstate import history_event, slot_key
 from tether.protocol.presence import Liveness, is_online
 from tether.store.base import EnvironmentRow, ListQuery, Principal, Registration, Store
 
@@ -47,6 +48,11 @@ class Environments:
         except Exception:
             self.counters.registrations_failed += 1  # the database: the REST edge answers 503
             raise
+        row = result.row
+        self.live.fleet.note_history(
+            slot_key(row.org_id, row.device_id, row.listener_instance_id),
+            history_event(row.last_seen_at, "registered", self.settings.pod_id),
+        )
         previous = result.previous_connection_id
         if previous is not None:
             self.counters.registrations_replacing += 1
@@ -65,6 +71,10 @@ class Environments:
         row = await self.store.delete_environment(org_id, environment_id)
         if row is None:
             return False
+        self.live.fleet.note_history(
+            slot_key(row.org_id, row.device_id, row.listener_instance_id),
+            history_event(now_ms(), "forgotten", self.settings.pod_id),
+        )
         if row.connection_id is not None:
             await self._end_lease(row.connection_id, closes.LEASE_UNKNOWN, "environment deleted")
         return True

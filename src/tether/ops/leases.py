@@ -20,6 +20,7 @@ from tether.metrics import Counters
 from tether.ops.writes import PresenceWriter, StatusWriter
 from tether.protocol import closes
 from tether.protocol.events import DeviceEvent, DeviceState
+from tether.protocol.fleetstate import approval_news, history_event, slot_key
 from tether.protocol.frames import PONG, Frame
 from tether.protocol.lease import (
     Action,
@@ -45,6 +46,8 @@ log = logging.getLogger("tether.leases")
 PRESENCE_WAIT_SECONDS = 2.0
 # A presence write that failed (live state unreachable) is tried again after this long.
 PRESENCE_RETRY_SECONDS = 1.0
+# Frames that may tell whether a conversation waits for an approval (`approval_news`).
+_APPROVAL_MARKERS = frozenset({"control_request", "update_loop_status", "update_device_status"})
 # Frames whose runtime tells which device runs a conversation (for teleport's source lookup).
 _RUNTIME_MARKERS = frozenset(
     {"update_loop_status", "turn_finished", "input_accepted", "runtime_start_response"}
@@ -109,7 +112,8 @@ class Leases:
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         if owner is None and link is None and lease_expired(last_activity, now_ms(), ttl_ms):
             raise LeaseRefused("lease expired")
-        return self.hub.link(row.connection_id, row.org_id, row.device_id, row.connection_name)
+        slot = slot_key(row.org_id, row.device_id, row.listener_instance_id)
+        return self.hub.link(row.connection_id, row.org_id, row.device_id, row.connection_name, slot)
 
     def session(self, link: DeviceLink, sock: DeviceSocket) -> DeviceSession:
         return DeviceSession(self, link, sock)
@@ -122,6 +126,7 @@ class Leases:
                 await self.hub.apply([action])
             elif isinstance(action, Ready):
                 self.counters.device_connects += 1
+                self.live.fleet.note_history(link.slot, history_event(now_ms(), "connected", self.pod_id))
             elif isinstance(action, WriteOnline | WriteAway):
                 # In its own task: the socket whose opening made the pair ready must start reading
                 # at once (its frames are already in flight), not after the writes.
@@ -278,6 +283,13 @@ class DeviceSession:
             return
         leases, link = self.leases, self.link
         leases.counters.device_frames += 1
+        if link.trace is not None:
+            channel = "stream" if self.sock is link.lease.pairing.stream else "control"
+            link.traced("in", channel, kind, frame.text)
+        if kind in _APPROVAL_MARKERS:
+            news = approval_news(kind, frame.body)
+            if news is not None:
+                link.pending_approval = news
         if kind == "update_device_status":
             leases.statuses.queue(link.connection_id, frame)
         if kind in _RUNTIME_MARKERS and frame.agent_id and frame.conversation_id:
@@ -296,4 +308,15 @@ class DeviceSession:
             str(by_router if by_router is not None else code if code is not None else "unknown")
         )
         self.sock.closed = True
-        await self.leases.run(self.link, self.link.lease.closed(self.sock, now_ms()))
+        at = now_ms()
+        self.leases.live.fleet.note_history(
+            self.link.slot,
+            history_event(
+                at,
+                "disconnected",
+                self.leases.pod_id,
+                by_router if by_router is not None else code,
+                sock.close_reason if by_router is not None else None,
+            ),
+        )
+        await self.leases.run(self.link, self.link.lease.closed(self.sock, at))

@@ -18,6 +18,7 @@ STALE_GENERATION = 4001  # a delayed socket of an older connection attempt
 GENERATION_MISMATCH = 4002  # a stream socket that matches no current control socket
 PARTNER_LOST = 4003  # the other socket of the pair closed
 HEARTBEAT_TIMEOUT = 4004  # no ping within the offline window
+OPERATOR_DISCONNECT = 4005  # POST /v1/tether/environments/{id}/disconnect: transient, the device reconnects
 BAD_HELLO = 4400  # invalid channel / connectionGeneration / connectionAttempt query
 
 # ---- relay (client) sockets ----------------------------------------------------------------

@@ -94,6 +94,27 @@ class ListQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetFilter:
+    org_id: str
+    q: str | None = None
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetKey:
+    """A row's identity and sort keys: what a state-dependent page is sorted on in memory."""
+
+    id: str
+    connection_id: str | None
+    pod_id: str | None
+    name: str
+    first_seen_at: int
+    last_heartbeat: int | None
+    connected_at: int | None
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusUpdate:
     current_mode: str | None = None
     set_mode: bool = False
@@ -166,6 +187,19 @@ class Store(Protocol):
     async def flush_heartbeats(self, beats: Sequence[Heartbeat]) -> None: ...
     async def update_status(self, connection_id: str, update: StatusUpdate, now_ms: int) -> None: ...
     async def clear_dead_pods(self, live_pods: set[str], now_ms: int) -> int: ...
+
+    # the fleet API (store/fleet.py)
+    async def principal_names(self, org_id: str, user_id: str) -> tuple[str | None, str | None]: ...
+    async def fleet_count(self, f: FleetFilter) -> int: ...
+    async def fleet_candidates(
+        self, f: FleetFilter, connection_ids: Sequence[str], limit: int
+    ) -> list[FleetKey]: ...
+    async def fleet_page(
+        self, f: FleetFilter, sort: str, desc: bool, offset: int, limit: int, exclude: Sequence[str]
+    ) -> list[EnvironmentRow]: ...
+    async def environments_by_ids(self, org_id: str, ids: Sequence[str]) -> list[EnvironmentRow]: ...
+    async def get_environment(self, org_id: str, environment_id: str) -> EnvironmentRow | None: ...
+    async def list_teleports(self, org_id: str, limit: int) -> list[TeleportRow]: ...
 
     # teleports
     async def create_teleport(self, row: TeleportRow) -> TeleportRow: ...

@@ -1,7 +1,7 @@
 """The SQLAlchemy store: one implementation for SQLite (embedded) and PostgreSQL (scaled).
 
-Its queries live by subject: keys.py, environments.py, teleports.py, upstream.py (gateway mode); the
-engine and schema in engine.py.
+Its queries live by subject: keys.py, environments.py, teleports.py, upstream.py (gateway mode),
+fleet.py (the fleet API's listing); the engine and schema in engine.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from tether.store.engine import make_engine, upgrade
 from tether.store.environments import EnvironmentsSql
+from tether.store.fleet import FleetSql
 from tether.store.keys import KEY_PREFIX
 from tether.store.teleports import TeleportsSql
 from tether.store.upstream import UpstreamSql
@@ -19,7 +20,7 @@ from tether.store.upstream import UpstreamSql
 __all__ = ["KEY_PREFIX", "SqlStore"]
 
 
-class SqlStore(UpstreamSql, EnvironmentsSql, TeleportsSql):
+class SqlStore(UpstreamSql, EnvironmentsSql, TeleportsSql, FleetSql):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)

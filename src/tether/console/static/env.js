@@ -23,6 +23,12 @@ function uuid() {
   return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
 }
 
+// "in" is towards the router: from the device on its sockets, from a client on a relay socket.
+function direction(f) {
+  const peer = f.channel === "relay" ? "client" : "device";
+  return f.direction === "in" ? `in (from ${peer})` : `out (to ${peer})`;
+}
+
 function field(label, value) {
   return [h("dt", {}, label), h("dd", {}, value)];
 }
@@ -167,13 +173,15 @@ export function mount(main, { me, id }) {
     replace(traceRows, shown.length === 0 ? h("tr", { class: "empty" }, h("td", { colspan: 7 }, "No frames yet.")) :
       shown.map((f) => {
         let content = "";
-        if (f.content !== undefined) {
+        // The router records a frame's text only while a poll asks for contents (null before that).
+        if (f.content === null) content = h("span", { class: "muted" }, "not recorded (contents were off)");
+        else if (f.content !== undefined) {
           const body = typeof f.content === "string" ? f.content : JSON.stringify(f.content);
           content = h("code", {}, body.length > CONTENT_SHOWN ? `${body.slice(0, CONTENT_SHOWN)}…` : body);
         }
         return h("tr", { "data-seq": f.seq, "data-type": f.type },
           h("td", { class: "num" }, f.seq), h("td", {}, new Date(f.at).toLocaleTimeString()),
-          h("td", {}, f.direction === "in" ? "in (from device)" : "out (to device)"), h("td", {}, text(f.channel)),
+          h("td", {}, direction(f)), h("td", {}, text(f.channel)),
           h("td", {}, text(f.type)), h("td", { class: "num" }, bytes(f.size)), h("td", { class: "content" }, content));
       }));
   }
