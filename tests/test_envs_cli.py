@@ -368,6 +368,20 @@ class Lines:
                 *complete, self.buffer = self.buffer.split("\n")
                 self.lines += complete
 
+    def read_for(self, seconds: float) -> list[str]:
+        """The lines that arrive within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self.fd, 65536).decode()
+                if not chunk:
+                    break
+                self.buffer += chunk
+                *complete, self.buffer = self.buffer.split("\n")
+                self.lines += complete
+        return [line for line in self.lines if line.strip()]
+
 
 def _watch(srv: Router, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TETHER_", "LETTA_"))}
@@ -402,8 +416,8 @@ def test_watch_ndjson_prints_added_modified_and_deleted_then_stops_on_ctrl_c(
         httpx.delete(f"{srv.base_url}/v1/environments/{row['id']}", headers=srv.headers()).raise_for_status()
         deleted = json.loads(out.wait(lambda line: row["deviceId"] in line))
         assert deleted["type"] == "DELETED"
-        time.sleep(1.2)  # two polls with nothing changed print nothing
-        assert not [line for line in out.lines if line.strip()]
+        out.lines.clear()  # what the first poll printed of earlier tests' rows
+        assert out.read_for(1.2) == []  # two polls with nothing changed print nothing
     finally:
         code, err = _interrupt(proc)
     assert code == 0, err

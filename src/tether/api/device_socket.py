@@ -44,22 +44,22 @@ def _hello(params: dict[str, str]) -> Hello | None:
     return Hello(channel, generation, attempt)
 
 
-async def _receive(ws: WebSocket, session: DeviceSession) -> bool:
-    """Take and handle one message; False once the socket is gone. A function of its own so that
+async def _receive(ws: WebSocket, session: DeviceSession) -> int | None:
+    """Take and handle one message; once the socket is gone, its close code. A function of its own so that
     nothing of a frame outlives its handling: the socket's loop then waits (for hours, between
     pings) holding no frame; the last status frame was about 3 KiB of every idle device's memory."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
-        return False
+        return int(message.get("code", 1005))
     data = message.get("text")
     if data is None:
         data = message.get("bytes")
     if data is None or session.sock.closed:
-        return True
+        return None
     if data == PING:
         # Most of a device's traffic: answered without parsing (devices send exactly this).
         await session.ping()
-        return True
+        return None
     try:
         frame = decode(data)
     except FrameError as exc:
@@ -68,9 +68,9 @@ async def _receive(ws: WebSocket, session: DeviceSession) -> bool:
             log.warning(
                 "dropped malformed frame #%d (device %s): %s", dropped, session.link.connection_id, exc
             )
-        return True
+        return None
     await session.receive(frame)
-    return True
+    return None
 
 
 @router.websocket("/v1/environments/ws/{connection_id}")
@@ -104,8 +104,9 @@ async def device_socket(ws: WebSocket, connection_id: str) -> None:
     transport.release_handshake()
     session = node.leases.session(link, DeviceSocket(transport, node.settings.device_queue_frames))
     await session.opened(hello)
+    code: int | None = None
     try:
-        while await _receive(ws, session):
+        while (code := await _receive(ws, session)) is None:
             pass
     finally:
-        await session.closed()
+        await session.closed(code)
