@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench hardening install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,16 +19,19 @@ run: $(STAMP)
 	$(BIN)/tether serve
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench hardening
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench hardening
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+hardening: $(STAMP)
+	$(BIN)/python -m hardening
 
 clean:
 	rm -rf $(VENV) .tether

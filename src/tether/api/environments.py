@@ -23,6 +23,7 @@ from tether.api.schemas import (
     SendMessageResponse,
     TeleportRequest,
     TeleportResponse,
+    documented,
 )
 from tether.clock import now_ms
 from tether.ops.teleports import TeleportError, teleport_json
@@ -115,10 +116,26 @@ async def list_environments(
     caller: Caller,
     after: Annotated[str | None, Query(description="Id of the last row of the previous page.")] = None,
     limit: Annotated[
-        str | None, Query(description=f"Page size, 1-{MAX_LIMIT}; default {DEFAULT_LIMIT}.")
+        str | None,
+        Query(
+            description=f"Page size, 1-{MAX_LIMIT}; default {DEFAULT_LIMIT}.",
+            json_schema_extra=documented({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+        ),
     ] = None,
-    onlineOnly: Annotated[str | None, Query(description="true: only online environments.")] = None,
-    source: Annotated[str | None, Query(description="remote (relay-backed) or local.")] = None,
+    onlineOnly: Annotated[
+        str | None,
+        Query(
+            description="true: only online environments.",
+            json_schema_extra=documented({"type": "boolean"}),
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        Query(
+            description="remote (relay-backed) or local.",
+            json_schema_extra=documented({"type": "string", "enum": ["remote", "local"]}),
+        ),
+    ] = None,
     userId: Annotated[str | None, Query(description="Only rows of this user.")] = None,
 ) -> Json:
     """List the organization's environments.

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from tether.api.auth import node_of, require_principal
 from tether.api.errors import ApiError
 from tether.api.responses import Json
-from tether.api.schemas import ErrorBody
+from tether.api.schemas import ErrorBody, documented
 from tether.clock import now_ms
 from tether.livestate.base import LiveStateUnavailable
-from tether.ops.fleet import FleetError, ListRequest
+from tether.ops.fleet import LEGACY_MODES, PERMISSION_MODES, FleetError, ListRequest
 from tether.ops.teleports import teleport_json
-from tether.protocol.fleetstate import parse_states
+from tether.protocol.fleetstate import STATES, parse_states
 from tether.protocol.roles import may_see_pods, may_trace
 from tether.store.base import FleetFilter, Principal
 from tether.store.fleet import SORTS
@@ -28,6 +28,28 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_QUERY_CHARS = 200
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409)}
+_STATE = "|".join(STATES)
+_STATES_PATTERN = f"^({_STATE})(,({_STATE}))*$"
+_MODE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["mode"],
+                "properties": {
+                    "mode": {"type": "string", "enum": [*PERMISSION_MODES, *LEGACY_MODES]},
+                    "agentId": {"type": "string", "minLength": 1},
+                    "conversationId": {"type": "string", "minLength": 1},
+                },
+            }
+        }
+    },
+}
+
+
+def _count(low: int, high: int | None = None) -> Any:
+    return documented({"type": "integer", "minimum": low} | ({"maximum": high} if high is not None else {}))
 
 
 def _int(name: str, text: str | None, default: int, low: int, high: int | None) -> int:
@@ -76,12 +98,34 @@ async def whoami(request: Request, caller: Caller) -> Json:
 async def list_environments(
     request: Request,
     caller: Caller,
-    limit: Annotated[str | None, Query(description=f"1-{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
-    offset: Annotated[str | None, Query(description="rows to skip, >= 0")] = None,
-    sort: Annotated[str | None, Query(description=" | ".join(SORTS))] = None,
-    order: Annotated[str | None, Query(description="asc | desc")] = None,
-    q: Annotated[str | None, Query(description="case-insensitive substring")] = None,
-    state: Annotated[str | None, Query(description="online,connecting,away,offline (any of)")] = None,
+    limit: Annotated[
+        str | None,
+        Query(description=f"1-{MAX_LIMIT}, default {DEFAULT_LIMIT}", json_schema_extra=_count(1, MAX_LIMIT)),
+    ] = None,
+    offset: Annotated[
+        str | None, Query(description="rows to skip, >= 0", json_schema_extra=_count(0))
+    ] = None,
+    sort: Annotated[
+        str | None,
+        Query(description=" | ".join(SORTS), json_schema_extra=documented({"enum": list(SORTS)})),
+    ] = None,
+    order: Annotated[
+        str | None, Query(description="asc | desc", json_schema_extra=documented({"enum": ["asc", "desc"]}))
+    ] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            description="case-insensitive substring",
+            json_schema_extra=documented({"type": "string", "maxLength": MAX_QUERY_CHARS}),
+        ),
+    ] = None,
+    state: Annotated[
+        str | None,
+        Query(
+            description="online,connecting,away,offline (any of)",
+            json_schema_extra=documented({"type": "string", "pattern": _STATES_PATTERN}),
+        ),
+    ] = None,
     userId: Annotated[str | None, Query()] = None,
 ) -> Json:
     """One page of the organization's environments with their live state and the counts by state."""
@@ -123,8 +167,8 @@ async def trace(
     request: Request,
     caller: Caller,
     environmentId: str,
-    after: Annotated[str | None, Query()] = None,
-    contents: Annotated[str | None, Query()] = None,
+    after: Annotated[str | None, Query(json_schema_extra=_count(0))] = None,
+    contents: Annotated[str | None, Query(json_schema_extra=documented({"enum": ["true", "false"]}))] = None,
 ) -> Json:
     """The frames through this environment since `after`; each poll keeps tracing armed for 30 s."""
     if contents not in (None, "", "true", "false"):
@@ -151,7 +195,12 @@ async def disconnect(request: Request, caller: Caller, environmentId: str) -> Js
     return Json({"disconnected": True}, status_code=202)
 
 
-@router.post("/environments/{environmentId}/mode", status_code=202, responses=_ERRORS)
+@router.post(
+    "/environments/{environmentId}/mode",
+    status_code=202,
+    responses=_ERRORS,
+    openapi_extra={"requestBody": _MODE_BODY},
+)
 async def change_mode(request: Request, caller: Caller, environmentId: str) -> Json:
     """Send the device `change_device_state` with the permission mode (and the scope, if given)."""
     body = await _body(request)
@@ -172,7 +221,11 @@ async def pods(request: Request, caller: Caller) -> Json:
 
 
 @router.get("/teleports", responses=_ERRORS)
-async def teleports(request: Request, caller: Caller, limit: Annotated[str | None, Query()] = None) -> Json:
+async def teleports(
+    request: Request,
+    caller: Caller,
+    limit: Annotated[str | None, Query(json_schema_extra=_count(1, MAX_LIMIT))] = None,
+) -> Json:
     """The organization's recent teleports, newest first."""
     n = _int("limit", limit, DEFAULT_LIMIT, 1, MAX_LIMIT)
     rows = await node_of(request).store.list_teleports(caller.org_id, n)

@@ -84,7 +84,12 @@ class RequestDurations:
             )
 
 
-@router.get("/metrics", include_in_schema=True)
+@router.get(
+    "/metrics",
+    include_in_schema=True,
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     """Counters since start, current gauges and histograms for this pod (no secrets, no per-tenant data)."""
     node = node_of(request)

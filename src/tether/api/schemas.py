@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +12,19 @@ MAX_NAME = 1024
 MAX_MESSAGES = 100
 # Identifiers end up in text columns, and PostgreSQL text cannot hold NUL.
 NO_NUL = r"^[^\x00]*$"
+
+
+def documented(schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """`json_schema_extra` for a query parameter taken as text and parsed by hand (for its own
+    error code): OpenAPI shows what the parser accepts (`{"type": "integer", "maximum": 500}`), not
+    "any string", so clients and fuzzers know which values are valid."""
+
+    def apply(generated: dict[str, Any]) -> None:
+        kept = {k: generated[k] for k in ("title", "description") if k in generated}
+        generated.clear()
+        generated.update(kept | schema)
+
+    return apply
 
 
 class _Open(BaseModel):

@@ -1,0 +1,1 @@
+"""`make hardening`: reliability figures against real processes, rendered into RELIABILITY.md."""

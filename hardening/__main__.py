@@ -1,0 +1,3 @@
+from hardening.main import main
+
+raise SystemExit(main())
