@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import crosspod, gateway, idle, listing, load, relay, report
+from bench import cluster27k, crosspod, fanout, gateway, idle, listing, load, registration, relay, report
 from bench.core import Figure, Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,9 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 FIGURES: dict[str, Callable[[Run], Awaitable[None]]] = {
     "relay": relay.measure,
     "list": listing.measure,
+    "registration": registration.measure,
     "crosspod": crosspod.measure,
     "gateway": gateway.measure,
     "idle": idle.measure,
+    "fanout": fanout.measure,
+    "cluster": cluster27k.measure,
 }
 BUDGET_SECONDS = 600
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from bench import planning
 from bench.core import Figure, Run
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -232,6 +233,7 @@ def _details(run: Run) -> list[str]:
         for (iname, ishare), (lname, lshare) in zip(prof["inclusive"], prof["leaves"], strict=False):
             out.append(f"| {ishare:.1f}% | `{iname}` | | {lshare:.1f}% | `{lname}` |")
         out.append("")
+    out += planning.section(run)
     problems = {k: v for k, v in s.items() if k.endswith("_problems") and v}
     if problems:
         out += ["## Errors the routers logged", ""]

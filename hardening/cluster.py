@@ -49,22 +49,38 @@ async def online_connection(server: Server, key: str, device_id: str, timeout: f
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
         while time.monotonic() < deadline:
             r = await http.get(f"{server.base_url}/v1/environments/{device_id}", timeout=5)
-            if r.status_code == 200 and r.json().get("connectionId") and r.json().get("isOnline"):
+            # connectionId is null while offline (the REST row has no isOnline field).
+            if r.status_code == 200 and r.json().get("connectionId"):
                 return str(r.json()["connectionId"])
             await asyncio.sleep(0.2)
     raise RuntimeError(f"device {device_id} did not come online on {server.name} in {timeout:.0f} s")
 
 
-async def reference_device(workdir: Path, server: Server, key: str, name: str) -> tuple[Device, str]:
-    """Start `tether device --name NAME` against `server`; returns it with its online connectionId."""
-    device_id = f"{name}-{uuid.uuid4().hex[:8]}"
-    log_path = workdir / f"device-{name}.log"
+async def reference_device(
+    workdir: Path,
+    server: Server,
+    key: str,
+    name: str,
+    *,
+    device_id: str | None = None,
+    args: tuple[str, ...] = (),
+    prefix: tuple[str, ...] = (),
+    base_url: str | None = None,
+    label: str | None = None,
+) -> tuple[Device, str]:
+    """Start `tether device --name NAME` against `server`; returns it with its online connectionId.
+
+    `device_id`: the same slot as another device's; `args`: more `tether device` options; `prefix`:
+    a command it runs under (`ip netns exec NS`); `base_url`: the router as the device reaches it;
+    `label`: its log's name (default: NAME)."""
+    device_id = device_id or f"{name}-{uuid.uuid4().hex[:8]}"
+    log_path = workdir / f"device-{label or name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TETHER_", "LETTA_"))}
-    env.update({"LETTA_BASE_URL": server.base_url, "LETTA_API_KEY": key})
-    with log_path.open("wb") as log:
+    env.update({"LETTA_BASE_URL": base_url or server.base_url, "LETTA_API_KEY": key})
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(  # noqa: ASYNC220 - held as a Popen for its pid, like bench's pods
-            [PYTHON, "-m", "tether", "device", "--name", name, "--device-id", device_id],
+            [*prefix, PYTHON, "-m", "tether", "device", "--name", name, "--device-id", device_id, *args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     device = Device(proc, device_id, log_path)

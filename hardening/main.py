@@ -16,13 +16,18 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hardening import api_fuzz, report, socket_fuzz
+from hardening import api_fuzz, duplicates, dupsends, faults, halfopen, isolation, report, socket_fuzz
 from hardening.core import Row, Run
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "api_fuzz": api_fuzz.measure,
+    "isolation": isolation.measure,
     "socket_fuzz": socket_fuzz.measure,
+    "half_open": halfopen.measure,
+    "duplicate_listeners": duplicates.measure,
+    "duplicate_sends": dupsends.measure,
+    "faults": faults.measure,
 }
 
 

@@ -36,6 +36,7 @@ BYSTANDER_SCOPE = {"agent_id": "agent-bystander", "conversation_id": "conv-bysta
 ATTACK_SCOPE = {"agentId": "agent-attacker", "conversationId": "conv-attacker"}
 BURST = 200
 PING = b'{"type":"ping"}'
+PUSHBACK_SECONDS = 5.0  # input still going out after this long: the router is pushing back
 OPEN = 0  # expected outcome: the socket stays open and still answers a ping
 
 
@@ -89,6 +90,10 @@ def _cases(rng: random.Random, scale: float) -> list[Case]:
     n_json = max(40, int(300 * scale))
     n_binary = max(20, int(100 * scale))
     flood = max(1000, int(20000 * scale))
+    # Each ping is answered with a pong of the same size: a peer that never reads them used to grow
+    # the router's write buffer without bound (200 MiB of pings: +190 MiB RSS).
+    flood_mib = max(16, int(128 * scale))
+    ping_block = b"".join(wire.frame(wire.PING, b"f" * 125) for _ in range(2000))  # ~256 KiB
     big = b'{"type":"x","pad":"' + b"a" * MAX_FRAME_BYTES + b'"}'
     mutations = _mutations(rng, n_json)
     binaries = [rng.randbytes(rng.randint(1, 2048)) for _ in range(n_binary)]
@@ -133,6 +138,8 @@ def _cases(rng: random.Random, scale: float) -> list[Case]:
              lambda: [wire.frame(wire.PING, b"flood%03d" % (i % 1000)) for i in range(flood)], OPEN, flood),
         Case(f"{flood} application pings, nothing read", "control-frame flood",
              lambda: [wire.frame(t, PING)] * flood, OPEN, flood),
+        Case(f"{flood_mib} MiB of 125-byte WebSocket pings, nothing read (until the input stalls)",
+             "control-frame flood", lambda: [ping_block] * (flood_mib * 4), OPEN, flood_mib * 4 * 2000),
     ]  # fmt: skip
 
 
@@ -157,11 +164,17 @@ class Bystander:
                            "count": BURST, "size": 64}  # fmt: skip
                 await ws.send(orjson.dumps(command).decode())
                 index = 0
-                while True:
+                # The deltas come on the device's stream socket, the response on its control socket:
+                # the response may overtake the last deltas. The burst is over once both are in.
+                responded = False
+                while not (responded and index >= BURST):
                     try:
                         text = await asyncio.wait_for(ws.recv(), 20)
                     except TimeoutError:
-                        self.problems.append(f"burst {self.bursts}: nothing for 20 s after frame {index}")
+                        self.problems.append(
+                            f"burst {self.bursts}: nothing for 20 s after delta {index} "
+                            f"(response in: {responded})"
+                        )
                         return
                     frame = orjson.loads(text)
                     if frame.get("seq") != seq + 1:
@@ -175,9 +188,7 @@ class Bystander:
                             self.problems.append(f"burst {self.bursts}: delta {got} where {index} was due")
                         index = got + 1
                     elif kind == "bench_stream_response" and frame.get("request_id") == request_id:
-                        if index != BURST:
-                            self.problems.append(f"burst {self.bursts}: {index} of {BURST} deltas")
-                        break
+                        responded = True
                     elif kind in ("resync_required", "error"):
                         self.problems.append(f"burst {self.bursts}: {kind} {text[:200]!r}")
                 self.bursts += 1
@@ -194,7 +205,21 @@ async def _attacker_lease(server: Server, n: int) -> str:
         return str(r.json()["connectionId"])
 
 
-async def _attack(server: Server, target: str, connection_id: str, n: int, case: Case) -> str | None:
+async def _send_all(sock: wire.RawSocket, data: bytes) -> None:
+    with contextlib.suppress(ConnectionError):
+        for i in range(0, len(data), 256 * 1024):
+            await sock.send(data[i : i + 256 * 1024])
+
+
+async def _discard(sock: wire.RawSocket) -> None:
+    with contextlib.suppress(TimeoutError):
+        while await sock.receive(600) is not None:
+            pass
+
+
+async def _attack(
+    server: Server, target: str, connection_id: str, n: int, case: Case, rss_samples: list[int]
+) -> str | None:
     """Run one case on a fresh socket; None when it ended as documented, else what happened."""
     if target == "device":
         lease = await _attacker_lease(server, n)
@@ -209,13 +234,21 @@ async def _attack(server: Server, target: str, connection_id: str, n: int, case:
         if case.expect != OPEN:
             # Read while writing: the router closes mid-input, and stops reading what follows.
             reader = asyncio.create_task(sock.close_code(30))
-        with contextlib.suppress(ConnectionError):
-            data = b"".join(case.frames())
-            for i in range(0, len(data), 256 * 1024):
-                await sock.send(data[i : i + 256 * 1024])
+        sending = asyncio.create_task(_send_all(sock, b"".join(case.frames())))
         if reader is not None:
             code = await reader
+            sending.cancel()
             return None if code == case.expect else f"closed with {code}, expected {case.expect}"
+        if not (await asyncio.wait({sending}, timeout=PUSHBACK_SECONDS))[0]:
+            # The input is still going out: the router stopped reading this socket (or is slow to).
+            # Sample its RSS now, then read (and drop) its answers so that the rest can go out.
+            rss_samples.append(rss_kib(server.pid))
+            draining = asyncio.create_task(_discard(sock))
+            await sending
+            draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+        await sending
         await sock.send(wire.frame(wire.TEXT, PING))
         answered = case.kind != "malformed JSON" or target != "relay"
         if not answered and not await sock.until(b"malformed_frame", 30):
@@ -260,8 +293,9 @@ async def measure(run: Run) -> None:
             for target in ("device", "relay"):
                 for case in cases:
                     n += 1
-                    problem = await _attack(server, target, connection_id, n, case)
-                    rss_peak = max(rss_peak, rss_kib(server.pid))
+                    samples: list[int] = []
+                    problem = await _attack(server, target, connection_id, n, case, samples)
+                    rss_peak = max(rss_peak, rss_kib(server.pid), *samples)
                     label = f"{target}: {case.name}"
                     outcomes[label] = problem or (
                         "usable" if case.expect == OPEN else f"closed {case.expect}"

@@ -2,7 +2,7 @@
 
 The fuzzer needs frames a client library refuses to build: invalid UTF-8 in a text frame, a
 continuation with no start, a control frame over 125 bytes, reserved bits and opcodes, unmasked
-client frames. `frame` builds the bytes; `RawSocket` does the upgrade over a plain TCP stream and
+client frames. `frame` builds the bytes; `RawSocket` does the upgrade over a plain TCP socket and
 reads the server's frames back until it closes.
 """
 
@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -54,51 +55,96 @@ class Received:
 
 
 class RawSocket:
-    """A WebSocket client over a bare TCP stream: upgrade, write any bytes, read the server's frames."""
+    """A WebSocket client over a bare non-blocking TCP socket: upgrade, write any bytes, read frames.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int) -> None:
-        self.reader = reader
-        self.writer = writer
+    Not an asyncio stream: a stream transport that fails a write (the router closed the socket while
+    input was still going out, as it does on a violation) drops what was already received, the close
+    frame included. Here a failed write leaves the read side alone, so the close code is still read.
+    `rcvbuf` sets SO_RCVBUF before the connect (so the TCP window really is that small): a client that
+    never reads then pushes back on the router after that many bytes, not after megabytes.
+    """
+
+    def __init__(self, sock: socket.socket, status: int, buffered: bytes) -> None:
+        self.sock = sock
         self.status = status  # of the upgrade response: 101 when the socket opened
+        self._buffer = bytearray(buffered)  # received but not yet parsed
+        self.header = b""  # the upgrade response's status line and headers
 
     @classmethod
-    async def open(cls, url: str, headers: dict[str, str]) -> RawSocket:
+    async def open(cls, url: str, headers: dict[str, str], *, rcvbuf: int | None = None) -> RawSocket:
+        loop = asyncio.get_running_loop()
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        reader, writer = await asyncio.open_connection(host, port, limit=64 * 1024 * 1024)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {host}:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
-            "Sec-WebSocket-Version: 13",
-            *(f"{k}: {v}" for k, v in headers.items()),
-        ]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        status = int(head.split(b" ", 2)[1])
-        return cls(reader, writer, status)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 10)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {host}:{port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+                "Sec-WebSocket-Version: 13",
+                *(f"{k}: {v}" for k, v in headers.items()),
+            ]
+            await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                if not chunk:
+                    raise ConnectionError("the upgrade got no response")
+                data += chunk
+        except BaseException:
+            sock.close()
+            raise
+        head, _, rest = data.partition(b"\r\n\r\n")
+        raw = cls(sock, int(head.split(b" ", 2)[1]), rest)
+        raw.header = head
+        return raw
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        """Write bytes; ConnectionError once the router closed or reset the socket."""
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def _fill(self, n: int, deadline: float) -> bool:
+        """Have at least `n` bytes buffered; False when the stream ended first. TimeoutError past deadline."""
+        loop = asyncio.get_running_loop()
+        while len(self._buffer) < n:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), left)
+            except ConnectionError:
+                return False
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True
 
     async def receive(self, timeout: float) -> Received | None:
-        """The server's next frame; None when the stream ended without one."""
-        try:
-            head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-            n = head[1] & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            payload = await self.reader.readexactly(n)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        """The server's next frame; None when the stream ended without one. TimeoutError after `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        if not await self._fill(2, deadline):
             return None
-        return Received(head[0] & 0xF, payload)
+        n, at = self._buffer[1] & 0x7F, 2
+        if n == 126:
+            if not await self._fill(4, deadline):
+                return None
+            n, at = struct.unpack_from("!H", self._buffer, 2)[0], 4
+        elif n == 127:
+            if not await self._fill(10, deadline):
+                return None
+            n, at = struct.unpack_from("!Q", self._buffer, 2)[0], 10
+        if not await self._fill(at + n, deadline):
+            return None
+        got = Received(self._buffer[0] & 0xF, bytes(self._buffer[at : at + n]))
+        del self._buffer[: at + n]
+        return got
 
     async def close_code(self, timeout: float) -> int | None:
         """Read until the server's close frame and return its code (answering it, as a client must);
@@ -135,4 +181,7 @@ class RawSocket:
         return False
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        """Drop the connection at once (a reset, no closing handshake)."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
@@ -65,41 +63,31 @@ async def bootstrap_key(node: Node) -> str | None:
     return secret
 
 
-async def _started(starting: asyncio.Task[None]) -> bool:
-    """Whether the node's start-up finished; False when it was abandoned (the task cancelled)."""
-    try:
-        await starting
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # the lifespan itself is being cancelled
-        return False
-    return True
-
-
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = build_node(settings)
         metrics.instrument(node)
-        # Start-up may wait for Redis or the database for as long as they are away. `tether serve`
-        # cancels this task when SIGINT or SIGTERM arrives meanwhile (cli.py).
-        app.state.starting = starting = asyncio.get_running_loop().create_task(node.start())
-        if not await _started(starting):
-            # Nothing was served and the process is on its way out: close the database pool; what
-            # reached Redis, if anything, lapses with the pod's TTL.
-            log.warning("start-up interrupted by a signal: stopping")
-            with contextlib.suppress(Exception):
-                await node.store.close()
-            yield  # uvicorn saw the signal: it shuts down at once
-            return
+
+        async def first_start() -> None:
+            secret = await bootstrap_key(node)
+            banner(settings, secret)
+
+        node.on_connected = first_start
         app.state.node = node
-        secret = await bootstrap_key(node)
-        banner(settings, secret)
+        # Returns at once: the node connects to the database and Redis in the background, and the
+        # pod listens meanwhile (/healthz 200, /readyz 503 naming what it waits for, work refused
+        # retryably by api/startup.py until it is connected).
+        await node.start()
         try:
             yield
         finally:
-            await node.drain(settings.shutdown_drain_seconds)
+            if node.connected:
+                await node.drain(settings.shutdown_drain_seconds)
+            else:
+                log.warning(
+                    "stopping before the database and Redis answered (%s)", ", ".join(node.waiting_for)
+                )
             await node.stop()
 
     app = FastAPI(

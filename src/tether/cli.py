@@ -10,7 +10,6 @@ import logging
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,14 @@ if TYPE_CHECKING:
     import uvicorn
 
 from tether.clock import now_ms
-from tether.config import Settings, describe_settings, load_settings, parse_letta_url, parse_port
+from tether.config import (
+    Settings,
+    describe_settings,
+    load_settings,
+    parse_letta_url,
+    parse_port,
+    redact_url,
+)
 from tether.listen import open_listeners
 from tether.protocol.roles import DEFAULT_ROLE, ROLES
 from tether.store.base import SchemaTooNew
@@ -28,7 +34,9 @@ from tether.store.sql import SqlStore
 
 log = logging.getLogger("tether")
 # While the database does not answer at start-up, say so this often.
-DATABASE_WAIT_LOG_SECONDS = 5.0
+# `serve` migrates before listening only if the database answers within this; otherwise it listens
+# at once and the node migrates in the background (a pod must never block before listening).
+DATABASE_CHECK_BEFORE_LISTEN_SECONDS = 1.0
 
 
 def _name(text: str) -> str:
@@ -173,11 +181,13 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from tether.api.fastpath import SocketsFirst
+    from tether.api.startup import StartupGate
+    from tether.api.wsprotocol import TetherWebSocketProtocol
     from tether.app import create_app
 
     url = _redact(settings.resolved_database_url)
     try:
-        asyncio.run(_migrate_saying_so(settings))
+        asyncio.run(_migrate_before_listening(settings))
     except KeyboardInterrupt:
         # (SIGTERM's default action ends the process as promptly; uvicorn takes both over below.)
         print(f"tether: interrupted while migrating the database {url}", file=sys.stderr)
@@ -185,9 +195,14 @@ def serve(settings: Settings) -> int:
     except SchemaTooNew as exc:
         print(f"tether: refusing to start: {exc}", file=sys.stderr)
         return 2
-    except (OSError, SQLAlchemyError) as exc:
-        print(f"tether: refusing to start: cannot migrate the database {url}: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, SQLAlchemyError, TimeoutError) as exc:
+        # Listen anyway: /healthz answers, /readyz says what it waits for, work is refused retryably,
+        # and the node migrates once the database answers (Node.start).
+        reason = str(exc) or exc.__class__.__name__
+        print(
+            f"tether: the database {url} does not answer yet ({reason}): serving; ready once it does",
+            file=sys.stderr,
+        )
     try:
         listeners = open_listeners(
             settings.host, settings.port, settings.listen_backlog, settings.listen_sockets
@@ -198,14 +213,15 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    app = create_app(settings)
     config = uvicorn.Config(
-        SocketsFirst(create_app(settings), gateway=settings.letta_url is not None),
+        StartupGate(SocketsFirst(app, gateway=settings.letta_url is not None), app.state),
         host=settings.host,
         port=settings.port,
         backlog=settings.listen_backlog,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=TetherWebSocketProtocol,  # websockets-sansio, reading only while writes drain
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=None,  # devices ping in-band; WebSocket pings would only add traffic
@@ -264,20 +280,10 @@ def _draining_server(config: uvicorn.Config, drain_s: float) -> uvicorn.Server:
     return DrainingServer(config)
 
 
-async def _migrate_saying_so(settings: Settings) -> None:
-    """Migrate before serving, saying every few seconds that it is still waiting for the database."""
-    migrating = asyncio.get_running_loop().create_task(_migrate(settings, quiet=True))
-    started = time.monotonic()
-    try:
-        while not (await asyncio.wait({migrating}, timeout=DATABASE_WAIT_LOG_SECONDS))[0]:
-            log.warning(
-                "waiting for the database %s (%.0f s so far)",
-                _redact(settings.resolved_database_url),
-                time.monotonic() - started,
-            )
-    finally:
-        migrating.cancel()
-    migrating.result()
+async def _migrate_before_listening(settings: Settings) -> None:
+    """Migrate before serving if the database answers at once (so a schema from a newer Tether is
+    refused before listening); a database that does not answer within the bound is left to the node."""
+    await asyncio.wait_for(_migrate(settings, quiet=True), DATABASE_CHECK_BEFORE_LISTEN_SECONDS)
 
 
 async def _migrate(settings: Settings, quiet: bool = False) -> int:
@@ -292,12 +298,7 @@ async def _migrate(settings: Settings, quiet: bool = False) -> int:
 
 
 def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
+    return redact_url(url)
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:

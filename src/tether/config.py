@@ -233,6 +233,14 @@ class Settings:
         default=120.0,
         metadata={"doc": "A device with no ping for this long is offline (the clients' own rule is 120 s)."},
     )
+    ready_timeout_seconds: float = field(
+        default=35.0,
+        metadata={
+            "doc": "A control socket whose stream socket has not completed the pair this long after it "
+            "opened is closed (4006) and the device reads away, then offline. Devices give up on a "
+            "pair themselves after 30 s (LISTENER_STREAM_OPEN_TIMEOUT_MS)."
+        },
+    )
     reconnect_grace_seconds: float = field(
         default=10.0,
         metadata={
@@ -419,3 +427,13 @@ def describe_settings() -> str:
         lines.append(f"  TETHER_{f.name.upper()}  (default: {shown})")
         lines.append(f"      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

@@ -38,7 +38,7 @@ log = logging.getLogger("tether.hub")
 OWNER_CACHE_MS = 5_000
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per device for hours: no per-instance dict
 class DeviceLink:
     """One lease held on this pod: its lifecycle machine, frame ordering and timers."""
 

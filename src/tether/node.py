@@ -8,12 +8,14 @@ hub reaches other pods through the bus).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable
 
 from tether.bus.base import Bus
 from tether.clock import now_ms
-from tether.config import Settings
+from tether.config import Settings, redact_url
 from tether.gateway.gateway import Gateway
 from tether.hub import Hub
 from tether.livestate.base import LiveState
@@ -26,10 +28,21 @@ from tether.ops.podstats import PodStats
 from tether.ops.relays import Relays
 from tether.ops.sending import Sending
 from tether.ops.teleports import Teleports
-from tether.store.base import Heartbeat, Store
+from tether.redisconn.backoff import Backoff
+from tether.store.base import Heartbeat, SchemaTooNew, Store
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
+
+# Start-up retries the database with this back-off (seconds, doubling): a database that comes back is
+# found within about this much; one that stays away costs one connection attempt per this much.
+DATABASE_RETRY_MIN_SECONDS = 0.1
+DATABASE_RETRY_MAX_SECONDS = 2.0
+# While start-up waits for a service, say so after this long and then this often.
+WAITING_LOG_FIRST_SECONDS = 1.0
+WAITING_LOG_SECONDS = 5.0
+# Closing a pod that never reached its services waits at most this long for each of them.
+CLOSE_UNCONNECTED_SECONDS = 2.0
 
 
 class Node:
@@ -63,20 +76,90 @@ class Node:
         self.pod_stats = PodStats(settings, store, live, self.hub, self.counters)
         self.fleet = Fleet(settings, store, live, self.hub, bus, self.pod_stats)
         self.draining = False
+        # What start-up still waits for ("database", "redis"); work is refused until it is empty.
+        self.waiting: set[str] = set()
+        self.connected = False
+        self.schema_problem: str | None = None  # the database holds a schema this Tether cannot use
+        self.on_connected: Callable[[], Awaitable[None]] | None = None  # the app's first-start steps
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.store.start()
-        await self.live.start()
-        await self.bus.start()
-        await self.store.clear_dead_pods(await self.live.live_pods(), now_ms())
+        """Connect to the database and Redis in the background and return at once: the pod listens
+        (and answers /healthz) meanwhile, refusing work retryably until `waiting` is empty."""
+        self.waiting = {"database"} | ({"redis"} if self.settings.redis_url else set())
+        self.tasks.spawn(self._connect())
+        self.tasks.spawn(self._report_waiting())
+
+    async def _connect(self) -> None:
+        await asyncio.gather(self._start_store(), self._start_redis())
+        if self.schema_problem is not None:
+            return
+        backoff = Backoff(DATABASE_RETRY_MIN_SECONDS, DATABASE_RETRY_MAX_SECONDS)
+        while True:
+            try:
+                await self.store.clear_dead_pods(await self.live.live_pods(), now_ms())
+                break
+            except Exception as exc:  # either service went away again: the loops below retry too
+                log.warning("clearing dead pods' rows at start-up failed: %r", exc)
+                await asyncio.sleep(backoff.next())
         self.tasks.spawn(self._flush_loop())
         self.tasks.spawn(self._sweep_loop())
         self.tasks.spawn(self.pod_stats.run())
+        if self.on_connected is not None:
+            await self.on_connected()
+        self.connected = True
+        log.info("pod %s connected to its services: ready for work", self.pod_id)
+
+    async def _start_store(self) -> None:
+        """Migrate (and so reach) the database, retrying while it cannot be reached."""
+        backoff = Backoff(DATABASE_RETRY_MIN_SECONDS, DATABASE_RETRY_MAX_SECONDS)
+        while True:
+            try:
+                await self.store.start()
+                break
+            except SchemaTooNew as exc:
+                # Retrying cannot help; the pod stays not ready and says why (`tether serve` checks
+                # this before listening when the database answers then).
+                self.schema_problem = str(exc)
+                log.error("the database cannot be used: %s", exc)
+                return
+            except Exception as exc:
+                log.debug("database not reachable yet: %r", exc)
+                await asyncio.sleep(backoff.next())
+        self.waiting.discard("database")
+
+    async def _start_redis(self) -> None:
+        # Both wait for Redis themselves (`redisconn.waiting`), logging as they go.
+        await self.live.start()
+        await self.bus.start()
+        self.waiting.discard("redis")
+
+    async def _report_waiting(self) -> None:
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(WAITING_LOG_FIRST_SECONDS)
+        while "database" in self.waiting and self.schema_problem is None:
+            log.warning(
+                "waiting for the database %s (%.0f s so far)",
+                redact_url(self.settings.resolved_database_url),
+                asyncio.get_running_loop().time() - started,
+            )
+            await asyncio.sleep(WAITING_LOG_SECONDS)
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """What this pod waits for before it takes work, for /readyz and the refusals."""
+        if self.schema_problem is not None:
+            return ["database schema"]
+        if not self.connected and not self.waiting:
+            return ["start-up"]  # both services answered; the last start-up steps are running
+        return sorted(self.waiting)
 
     async def stop(self) -> None:
         await self.tasks.cancel()
+        if not self.connected:
+            await self._close_unconnected()
+            return
         await self._flush_heartbeats()
         await self.leases.stop()
         await self.bus.close()
@@ -84,6 +167,15 @@ class Node:
         await self.store.close()
         if self.gateway is not None:
             await self.gateway.close()
+
+    async def _close_unconnected(self) -> None:
+        """Stopped before its services all answered: close each without waiting on one that is away."""
+        closes: list[Awaitable[None]] = [self.bus.close(), self.live.close(), self.store.close()]
+        if self.gateway is not None:
+            closes.append(self.gateway.close())
+        for closing in closes:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closing, CLOSE_UNCONNECTED_SECONDS)
 
     async def drain(self, window_s: float) -> None:
         """Close device sockets spread over the window so devices reconnect to other pods gradually."""
@@ -101,6 +193,11 @@ class Node:
             await self.leases.drain_one(link)
 
     async def ready(self) -> tuple[bool, str]:
+        if self.schema_problem is not None:
+            return False, f"database schema: {self.schema_problem}"
+        waiting = self.waiting_for
+        if waiting:
+            return False, "waiting for " + " and ".join(waiting)
         try:
             await self.store.ping()
         except Exception as exc:

@@ -40,7 +40,9 @@ class DeviceSocket:
     def __init__(self, transport: Transport, max_waiting: int) -> None:
         self.transport = transport
         self.max_waiting = max_waiting
-        self._lock = asyncio.Lock()
+        # Made when a write first has to wait (rare: a device reads promptly); 180 bytes otherwise
+        # kept by every idle device socket.
+        self._lock: asyncio.Lock | None = None
         self._waiting = 0
         self.closed = False
         self.close_code: int | None = None  # set when the router closed it
@@ -53,6 +55,8 @@ class DeviceSocket:
         if self.send_nowait(text):
             return True
         self._waiting += 1
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         try:
             async with self._lock:
                 await self.transport.send(text)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tether.api.errors import ApiError
 from tether.node import Node
@@ -46,3 +48,18 @@ async def require_principal(request: Request) -> Principal:
         # The one role check of every REST write (and of writes forwarded in gateway mode).
         raise ApiError(403, "FORBIDDEN", f"a {principal.role} key may look but not act")
     return principal
+
+
+# Declares the scheme in OpenAPI (clients and fuzzers then know every route below needs a key); the
+# key itself is read by require_principal, which the gateway calls without FastAPI.
+_SCHEME = HTTPBearer(auto_error=False, description="A Tether API key (`tether keys create`).")
+
+
+async def _caller(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_SCHEME)]
+) -> Principal:
+    return await require_principal(request)
+
+
+# The principal of a REST route behind an API key.
+Caller = Annotated[Principal, Depends(_caller)]

@@ -6,17 +6,16 @@ from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
-from tether.api.auth import node_of, require_principal
-from tether.api.errors import ApiError
+from tether.api.auth import Caller, node_of
+from tether.api.errors import AUTHENTICATED, ApiError, error_responses
 from tether.api.responses import Json
 from tether.api.schemas import (
     MAX_ID,
     NO_NUL,
     EnvironmentConnection,
     EnvironmentList,
-    ErrorBody,
     RegisterRequest,
     RegisterResponse,
     SendMessageRequest,
@@ -27,20 +26,16 @@ from tether.api.schemas import (
 )
 from tether.clock import now_ms
 from tether.ops.teleports import TeleportError, teleport_json
-from tether.store.base import Principal, UnknownCursor
+from tether.store.base import UnknownCursor
 
-router = APIRouter(prefix="/v1/environments", tags=["environments"])
-Caller = Annotated[Principal, Depends(require_principal)]
+router = APIRouter(
+    prefix="/v1/environments", tags=["environments"], responses=error_responses(*AUTHENTICATED)
+)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_METADATA_BYTES = 64 * 1024
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody},
-    401: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    413: {"model": ErrorBody},
-}
+_NOT_FOUND = error_responses(404)
 
 
 def _parse_limit(text: str | None) -> int:
@@ -92,7 +87,7 @@ def ws_base(request: Request) -> str:
     return base
 
 
-@router.post("/register", response_model=RegisterResponse, responses=_ERRORS)
+@router.post("/register", response_model=RegisterResponse)
 async def register(body: RegisterRequest, request: Request, caller: Caller) -> Json:
     """Register a device listener slot and lease it a connection (what `letta server` calls)."""
     node = node_of(request)
@@ -110,7 +105,7 @@ async def register(body: RegisterRequest, request: Request, caller: Caller) -> J
     return Json(await node.environments.register(caller, payload, ws_base(request)))
 
 
-@router.get("", response_model=EnvironmentList, responses=_ERRORS)
+@router.get("", response_model=EnvironmentList)
 async def list_environments(
     request: Request,
     caller: Caller,
@@ -165,7 +160,7 @@ async def list_environments(
     return Json({"connections": rows, "hasNextPage": more})
 
 
-@router.post("/{connectionId}/messages", response_model=SendMessageResponse, responses=_ERRORS)
+@router.post("/{connectionId}/messages", response_model=SendMessageResponse, responses=_NOT_FOUND)
 async def send_message(
     body: SendMessageRequest,
     request: Request,
@@ -192,7 +187,7 @@ async def send_message(
     "/runtimes/{agentId}/{conversationId}/teleport",
     response_model=TeleportResponse,
     status_code=202,
-    responses={**_ERRORS, 409: {"model": ErrorBody}},
+    responses=error_responses(404, 409),
 )
 async def teleport(
     body: TeleportRequest,
@@ -223,7 +218,7 @@ async def teleport(
 @router.get(
     "/runtimes/{agentId}/{conversationId}/teleports/{teleportId}",
     response_model=TeleportResponse,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
 )
 async def get_teleport(
     request: Request,
@@ -238,7 +233,7 @@ async def get_teleport(
     return Json(teleport_json(row, now_ms()))
 
 
-@router.delete("/{environmentId}", status_code=204, responses=_ERRORS)
+@router.delete("/{environmentId}", status_code=204, responses=_NOT_FOUND)
 async def delete_environment(
     request: Request,
     caller: Caller,
@@ -251,7 +246,7 @@ async def delete_environment(
     return Response(status_code=204)
 
 
-@router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_ERRORS)
+@router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_NOT_FOUND)
 async def retrieve_environment(
     request: Request, caller: Caller, deviceId: Annotated[str, Path(min_length=1)]
 ) -> Json:

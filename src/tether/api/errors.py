@@ -8,10 +8,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tether.api.responses import Json
+from tether.api.schemas import ErrorBody
 from tether.gateway.upstream import UpstreamFailure
 from tether.livestate.base import LiveStateUnavailable
 
@@ -30,6 +32,26 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+
+
+# What each error status means on this API. Every status a route can answer is documented with the
+# ErrorBody model (OpenAPI); a router names the ones all its routes share, a route adds its own.
+ERROR_STATUSES = {
+    400: "Malformed request: invalid JSON, or a field or parameter outside its documented range.",
+    401: "Missing, malformed, unknown or revoked API key.",
+    403: "The key's role may not do this (a readonly key acting, a member asking for the cluster).",
+    404: "No such resource in the caller's organization.",
+    409: "The resource is not in a state that allows this.",
+    413: "Request body larger than TETHER_MAX_BODY_BYTES.",
+    503: "The database or Redis is unreachable: retry (x-should-retry: true).",
+}
+# What any route behind an API key may answer, whatever it does.
+AUTHENTICATED = (400, 401, 403, 413, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a router or a route: each status an `ErrorBody` with what it means here."""
+    return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Json:
@@ -84,9 +106,12 @@ def install(app: FastAPI) -> None:
         return error_response(400, code, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Json:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Json:
         code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(app, request.url.path)}
+        return error_response(exc.status_code, code, str(exc.detail), headers)
 
     async def _storage(request: Request, exc: Exception) -> Json:
         if request.scope["type"] != "http":
@@ -123,6 +148,17 @@ def install(app: FastAPI) -> None:
         return error_response(500, "INTERNAL_ERROR", "internal error; see the router log")
 
     _document_errors_as_json(app)
+
+
+def _allowed(app: FastAPI, path: str) -> str:
+    """Every method some route serves at `path`. Starlette's 405 names only the first route whose path
+    matched, but one path may have a route per method (`DELETE` and `GET /v1/environments/{id}`)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(app.routes):
+        regex, served = getattr(route, "path_regex", None), route.methods
+        if served and regex is not None and regex.match(path):
+            methods |= served
+    return ", ".join(sorted(methods))
 
 
 def _document_errors_as_json(app: FastAPI) -> None:

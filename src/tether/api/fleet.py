@@ -3,33 +3,35 @@ trace, disconnect, mode change, pods and teleports. README "Fleet API and roles"
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from tether.api.auth import node_of, require_principal
-from tether.api.errors import ApiError
+from tether.api.auth import Caller, node_of
+from tether.api.errors import AUTHENTICATED, ApiError, error_responses
 from tether.api.responses import Json
-from tether.api.schemas import ErrorBody, documented
+from tether.api.schemas import MAX_COUNT, documented
 from tether.clock import now_ms
 from tether.livestate.base import LiveStateUnavailable
 from tether.ops.fleet import LEGACY_MODES, PERMISSION_MODES, FleetError, ListRequest
 from tether.ops.teleports import teleport_json
 from tether.protocol.fleetstate import STATES, parse_states
 from tether.protocol.roles import may_see_pods, may_trace
-from tether.store.base import FleetFilter, Principal
+from tether.store.base import FleetFilter
 from tether.store.fleet import SORTS
 
-router = APIRouter(prefix="/v1/tether", tags=["fleet"])
-Caller = Annotated[Principal, Depends(require_principal)]
+router = APIRouter(prefix="/v1/tether", tags=["fleet"], responses=error_responses(*AUTHENTICATED))
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_QUERY_CHARS = 200
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409)}
+_NOT_FOUND = error_responses(404)
+_CONNECTED = error_responses(404, 409)  # acts on the device: it must hold a socket
 _STATE = "|".join(STATES)
-_STATES_PATTERN = f"^({_STATE})(,({_STATE}))*$"
+# Empty, like every parameter here, means "not given" (no filter).
+_STATES_PATTERN = f"^(({_STATE})(,({_STATE}))*)?$"
 _MODE_BODY = {
     "required": True,
     "content": {
@@ -48,20 +50,19 @@ _MODE_BODY = {
 }
 
 
-def _count(low: int, high: int | None = None) -> Any:
-    return documented({"type": "integer", "minimum": low} | ({"maximum": high} if high is not None else {}))
+def _count(low: int, high: int = MAX_COUNT) -> Any:
+    return documented({"type": "integer", "minimum": low, "maximum": high})
 
 
-def _int(name: str, text: str | None, default: int, low: int, high: int | None) -> int:
+def _int(name: str, text: str | None, default: int, low: int, high: int = MAX_COUNT) -> int:
     if text is None or text == "":
         return default
     try:
         value = int(text)
     except ValueError:
         value = low - 1
-    if value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ApiError(400, f"INVALID_{name.upper()}", f"{name} must be an integer {bound}")
+    if not low <= value <= high:
+        raise ApiError(400, f"INVALID_{name.upper()}", f"{name} must be an integer from {low} to {high}")
     return value
 
 
@@ -79,7 +80,7 @@ async def _body(request: Request) -> dict[str, Any]:
     return value
 
 
-@router.get("/whoami", responses=_ERRORS)
+@router.get("/whoami")
 async def whoami(request: Request, caller: Caller) -> Json:
     org, user = await node_of(request).store.principal_names(caller.org_id, caller.user_id)
     return Json(
@@ -94,7 +95,7 @@ async def whoami(request: Request, caller: Caller) -> Json:
     )
 
 
-@router.get("/environments", responses=_ERRORS)
+@router.get("/environments")
 async def list_environments(
     request: Request,
     caller: Caller,
@@ -137,6 +138,8 @@ async def list_environments(
     if q is not None and len(q) > MAX_QUERY_CHARS:
         raise ApiError(400, "INVALID_QUERY", f"q must be at most {MAX_QUERY_CHARS} characters")
     try:
+        if not re.fullmatch(_STATES_PATTERN, state or ""):
+            raise ValueError(f"state must be a comma-separated list of {', '.join(STATES)}")
         states = parse_states(state)
     except ValueError as exc:
         raise ApiError(400, "INVALID_STATE", str(exc)) from None
@@ -145,13 +148,13 @@ async def list_environments(
         states=states,
         sort=sort_by,
         desc=order == "desc",
-        offset=_int("offset", offset, 0, 0, None),
+        offset=_int("offset", offset, 0, 0),
         limit=_int("limit", limit, DEFAULT_LIMIT, 1, MAX_LIMIT),
     )
     return Json(await node_of(request).fleet.page(req))
 
 
-@router.get("/environments/{environmentId}", responses=_ERRORS)
+@router.get("/environments/{environmentId}", responses=_NOT_FOUND)
 async def get_environment(request: Request, caller: Caller, environmentId: str) -> Json:
     """One environment: its row with state, metadata and its connection history (newest first)."""
     try:
@@ -162,7 +165,7 @@ async def get_environment(request: Request, caller: Caller, environmentId: str) 
         raise ApiError(503, "LIVE_STATE_UNAVAILABLE", str(exc)) from None
 
 
-@router.get("/environments/{environmentId}/trace", responses=_ERRORS)
+@router.get("/environments/{environmentId}/trace", responses=_NOT_FOUND)
 async def trace(
     request: Request,
     caller: Caller,
@@ -173,7 +176,7 @@ async def trace(
     """The frames through this environment since `after`; each poll keeps tracing armed for 30 s."""
     if contents not in (None, "", "true", "false"):
         raise ApiError(400, "INVALID_CONTENTS", "contents must be true or false")
-    seq = _int("after", after, 0, 0, None)
+    seq = _int("after", after, 0, 0)
     fleet = node_of(request).fleet
     try:
         row = await fleet.row(caller.org_id, environmentId)
@@ -184,7 +187,7 @@ async def trace(
     return Json(fleet.trace(row, seq, contents == "true"))
 
 
-@router.post("/environments/{environmentId}/disconnect", status_code=202, responses=_ERRORS)
+@router.post("/environments/{environmentId}/disconnect", status_code=202, responses=_CONNECTED)
 async def disconnect(request: Request, caller: Caller, environmentId: str) -> Json:
     """Close the device's sockets with a transient code: it reconnects to the same lease."""
     fleet = node_of(request).fleet
@@ -198,7 +201,7 @@ async def disconnect(request: Request, caller: Caller, environmentId: str) -> Js
 @router.post(
     "/environments/{environmentId}/mode",
     status_code=202,
-    responses=_ERRORS,
+    responses=_CONNECTED,
     openapi_extra={"requestBody": _MODE_BODY},
 )
 async def change_mode(request: Request, caller: Caller, environmentId: str) -> Json:
@@ -212,7 +215,7 @@ async def change_mode(request: Request, caller: Caller, environmentId: str) -> J
     return Json({"mode": body["mode"], "sent": True}, status_code=202)
 
 
-@router.get("/pods", responses=_ERRORS)
+@router.get("/pods")
 async def pods(request: Request, caller: Caller) -> Json:
     """Every live pod of the cluster with its figures (admin keys only)."""
     if not may_see_pods(caller.role):
@@ -220,7 +223,7 @@ async def pods(request: Request, caller: Caller) -> Json:
     return Json({"pods": await node_of(request).fleet.pods()})
 
 
-@router.get("/teleports", responses=_ERRORS)
+@router.get("/teleports")
 async def teleports(
     request: Request,
     caller: Caller,

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_ID = 512
 MAX_NAME = 1024
 MAX_MESSAGES = 100
+# Largest integer a query parameter takes: the largest a JSON number holds exactly (JavaScript's
+# Number.MAX_SAFE_INTEGER), so a sequence number or offset is echoed back as it came.
+MAX_COUNT = 2**53 - 1
 # Identifiers end up in text columns, and PostgreSQL text cannot hold NUL.
 NO_NUL = r"^[^\x00]*$"
 
@@ -138,3 +141,15 @@ class TeleportResponse(BaseModel):
 class ErrorBody(BaseModel):
     errorCode: str
     message: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    detail: str = Field(description="ok, or what this pod waits for.")
+    waiting: list[str] = Field(
+        default_factory=list, description='Services start-up still waits for: "database", "redis".'
+    )

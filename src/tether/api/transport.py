@@ -11,6 +11,8 @@ from websockets.exceptions import InvalidState
 from websockets.protocol import State
 
 _FIN_TEXT = 0x81  # FIN bit + text opcode
+# What a socket's scope keeps once accepted (`release_handshake`).
+_SCOPE_KEPT = ("type", "path", "client", "server", "app")
 
 
 def _text_header(length: int) -> bytes:
@@ -52,9 +54,17 @@ class WsTransport:
                 # websockets' parser keeps the request object until the socket closes (a local of
                 # its generator); its headers need not stay with it.
                 request.headers.clear()
+                request.path = ""  # with its query string, about 270 bytes
             protocol.request = None  # type: ignore[assignment]
             protocol.response = None  # type: ignore[assignment]
-        self.ws.scope["headers"] = []
+        # The scope, shared by uvicorn, Starlette and the suspended ASGI frames, keeps only what a
+        # held socket still reads: its path and client for logs, the app for its state. The rest (a
+        # copy of the lifespan state, headers, query string, raw path, extensions: about 1 KiB per
+        # socket) was read at the upgrade. Cleared in place: every holder shares this one dict.
+        scope = self.ws.scope
+        kept = {key: scope[key] for key in _SCOPE_KEPT if key in scope}
+        scope.clear()
+        scope.update(kept)
         for cached in ("_headers", "_query_params"):
             self.ws.__dict__.pop(cached, None)
 

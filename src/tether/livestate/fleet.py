@@ -48,21 +48,25 @@ class FleetNotes(Protocol):
 class MemoryFleetNotes:
     def __init__(self, pod_id: str) -> None:
         self.pod_id = pod_id
-        self._history: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        # Oldest first, at most HISTORY_EVENTS each. A list, not a deque(maxlen=...): a deque
+        # reserves 64 slots (760 bytes) for the one or two events an idle device has.
+        self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._stats: dict[str, Any] | None = None
 
     def note_history(self, slot: str, event: dict[str, Any]) -> None:
         ring = self._history.get(slot)
         if ring is None:
-            ring = self._history[slot] = deque(maxlen=HISTORY_EVENTS)
+            ring = self._history[slot] = []
             while len(self._history) > MAX_HISTORY_SLOTS:
                 self._history.popitem(last=False)
         else:
             self._history.move_to_end(slot)
-        ring.appendleft(event)
+        ring.append(event)
+        if len(ring) > HISTORY_EVENTS:
+            del ring[0]
 
     async def history(self, slot: str) -> list[dict[str, Any]]:
-        return list(self._history.get(slot, ()))
+        return list(reversed(self._history.get(slot, ())))
 
     def publish_stats(self, stats: dict[str, Any]) -> None:
         self._stats = stats

@@ -82,6 +82,7 @@ class Leases:
         self.presence = PresenceWriter(store, tasks)
         self.statuses = StatusWriter(store, tasks)
         self.offline_after_ms = int(settings.offline_after_seconds * 1000)
+        self.ready_timeout_ms = int(settings.ready_timeout_seconds * 1000)
         self.write_failures = 0
 
     async def open(self, principal: Principal | None, connection_id: str, hello: Hello) -> DeviceLink:
@@ -220,13 +221,17 @@ class Leases:
     # ---- the whole pod -------------------------------------------------------------------
 
     async def drop_silent(self, now: int) -> None:
+        """Close silent pairs and pairs that never became ready; each reads away at once."""
         for link in self.hub.links():
-            closing = link.lease.check_silence(now, self.offline_after_ms)
+            closing = link.lease.reap(now, self.offline_after_ms, self.ready_timeout_ms)
             if closing:
+                code = next(a.code for a in closing if isinstance(a, Close))
                 log.info(
-                    "device %s silent for %ss: dropping it",
+                    "device %s %s: dropping it",
                     link.connection_id,
-                    self.settings.offline_after_seconds,
+                    f"silent for {self.settings.offline_after_seconds}s"
+                    if code == closes.HEARTBEAT_TIMEOUT
+                    else f"not ready within {self.settings.ready_timeout_seconds}s",
                 )
                 await self.run(link, closing)
 

@@ -21,7 +21,8 @@ from tether.config import Settings
 from tether.hub import Hub
 from tether.livestate.base import LiveState
 from tether.metrics import Counters
-from tether.protocol.fleetstate import link_hint
+from tether.protocol.fleetstate import AWAY, link_hint
+from tether.protocol.presence import is_silent
 from tether.store.base import Store
 
 log = logging.getLogger("tether.podstats")
@@ -89,8 +90,15 @@ class PodStats:
         """The leases of this pod whose state live state alone does not tell, or that wait for an
         approval: connection id -> what this pod knows."""
         out: dict[str, Held] = {}
+        now, offline_after_ms = now_ms(), int(self.settings.offline_after_seconds * 1000)
         for link in self.hub.links():
-            hint = None if link.ready else link_hint(False, bool(link.lease.sockets()))
+            if link.ready:
+                # Pings stopped: the next sweep drops the pair, which then reads away for the grace
+                # window. Away already, so that the state never reads offline, then away.
+                silent = is_silent(link.lease.last_heartbeat, now, offline_after_ms)
+                hint = AWAY if silent else None
+            else:
+                hint = link_hint(False, bool(link.lease.sockets()))
             if hint is not None or link.pending_approval:
                 out[link.connection_id] = Held(hint, link.pending_approval, self.pod_id)
         return out

@@ -19,6 +19,7 @@ GENERATION_MISMATCH = 4002  # a stream socket that matches no current control so
 PARTNER_LOST = 4003  # the other socket of the pair closed
 HEARTBEAT_TIMEOUT = 4004  # no ping within the offline window
 OPERATOR_DISCONNECT = 4005  # POST /v1/tether/environments/{id}/disconnect: transient, the device reconnects
+READY_TIMEOUT = 4006  # a control socket whose pair was not complete within TETHER_READY_TIMEOUT_SECONDS
 BAD_HELLO = 4400  # invalid channel / connectionGeneration / connectionAttempt query
 
 # ---- relay (client) sockets ----------------------------------------------------------------

@@ -84,7 +84,18 @@ def encode(obj: dict[str, Any]) -> str:
 
 
 def with_seq(text: str, seq: int) -> str:
-    """Prefix `"seq":N` to a JSON object's text without re-encoding the rest."""
+    """Prefix `"seq":N` to a JSON object's text without re-encoding the rest.
+
+    `seq` is the router's (per relay socket). A device frame carrying its own top-level `seq` would
+    otherwise reach the client with two, and JSON parsers keep the last: the device's number would
+    replace ours (found by fuzzing). Such a frame is re-encoded without it; the substring test keeps
+    every other frame on the splice.
+    """
+    if '"seq"' in text:
+        body = orjson.loads(text)
+        if isinstance(body, dict) and "seq" in body:
+            del body["seq"]
+            return encode({"seq": seq, **body})
     start = text.index("{")
     rest = text[start + 1 :].lstrip()
     if rest.startswith("}"):

@@ -15,6 +15,9 @@ quick disconnect and reconnect overlap in, the last word written and published i
                             |                   | or, draining: row disconnected, no timer
     away, no socket back    | timer_fired       | FORGET, WriteRowOffline, Publish OFFLINE
     ready, silent           | check_silence     | Close(HEARTBEAT_TIMEOUT) each socket
+    silent, or never ready  | reap              | those closes (READY_TIMEOUT for a pair not complete
+                            |                   | in time), and the pair is lost at once: a frozen or
+                            |                   | cut-off peer never answers the close
     any                     | revoke / close_all| replaced: never let in again from memory
 """
 
@@ -107,6 +110,7 @@ class Lease(Generic[S]):
         self._announce = False  # the pair became ready: announce it once live state agrees
         self._losses = 0
         self._timer = False
+        self._control_opened_at = 0  # when the current control socket opened (for `reap`)
 
     @property
     def ready(self) -> bool:
@@ -123,7 +127,10 @@ class Lease(Generic[S]):
     # ---- inputs --------------------------------------------------------------------------
 
     def opened(self, socket: S, hello: Hello, now: int) -> list[Action[S]]:
-        return self._pairing(self.pairing.opened(socket, hello), now)
+        actions = self._pairing(self.pairing.opened(socket, hello), now)
+        if self.pairing.control is socket:
+            self._control_opened_at = now
+        return actions
 
     def closed(self, socket: S, now: int) -> list[Action[S]]:
         return self._pairing(self.pairing.closed(socket), now)
@@ -155,6 +162,26 @@ class Lease(Generic[S]):
         if not self.ready or not is_silent(self.last_heartbeat, now, offline_after_ms):
             return []
         return [Close(s, closes.HEARTBEAT_TIMEOUT, "no heartbeat") for s in self.sockets()]
+
+    def reap(self, now: int, offline_after_ms: int, ready_timeout_ms: int) -> list[Action[S]]:
+        """Close a silent pair, or one whose control socket opened `ready_timeout_ms` ago and never
+        became ready, and count the pair lost now rather than when the close handshake ends: a peer
+        that is frozen (SIGSTOP) or cut off never answers it, and until the edge gives up on it the
+        device would read connecting instead of away, then offline."""
+        sockets = self.sockets()
+        if not sockets:
+            return []
+        if self.ready and is_silent(self.last_heartbeat, now, offline_after_ms):
+            code, reason = closes.HEARTBEAT_TIMEOUT, "no heartbeat"
+        elif not self.ready and now - self._control_opened_at >= ready_timeout_ms:
+            code, reason = closes.READY_TIMEOUT, "not ready in time"
+        else:
+            return []
+        # The pairing's own partner close is left out: each socket gets its close here.
+        lost: list[Send[S] | Close[S] | Ready | Lost] = [
+            a for a in self.pairing.closed(sockets[0]) if not isinstance(a, Close)
+        ]
+        return [*(Close(s, code, reason) for s in sockets), *self._pairing(lost, now)]
 
     def revoke(self) -> None:
         self.replaced = True

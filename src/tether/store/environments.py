@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tether.store.base import (
     EnvironmentRow,
@@ -19,6 +19,7 @@ from tether.store.base import (
     StatusUpdate,
     UnknownCursor,
 )
+from tether.store.batching import GroupCommit
 from tether.store.rows import environment_row, new_id, storable
 from tether.store.tables import environments
 
@@ -26,89 +27,193 @@ from tether.store.tables import environments
 _STATUS_METADATA_KEYS = ("workingDirectory", "gitBranch")
 
 
+# Registrations share transactions (store/batching.py): at most this many in one, at most this many
+# waiting for one. A batch holds SQLite's write lock for about a millisecond per 10 rows.
+REGISTER_BATCH_MAX = 64
+REGISTER_PENDING_MAX = 1024
+
+_t = environments
+_INSERT = _t.insert()
+_REREGISTER = (
+    _t.update()
+    .where(_t.c.id == sa.bindparam("rid"))
+    .values(
+        connection_name=sa.bindparam("connection_name"),
+        metadata=sa.bindparam("metadata", type_=_t.c.metadata.type),
+        user_id=sa.bindparam("user_id"),
+        api_key_owner=sa.bindparam("user_id"),
+        last_seen_at=sa.bindparam("now"),
+        connection_id=sa.bindparam("connection_id"),
+        lease_issued_at=sa.bindparam("now"),
+        connected_at=None,
+        pod_id=None,
+    )
+)
+# SQLite ignores FOR UPDATE; this no-op write as a transaction's first statement takes its write lock
+# instead, so that the slots read next cannot change before the transaction writes them.
+_SQLITE_WRITE_LOCK = _t.update().where(_t.c.id == "").values(last_seen_at=_t.c.last_seen_at)
+_Slot = tuple[str, str, str]
+
+
+def _slot(reg: Registration) -> _Slot:
+    return (reg.org_id, reg.device_id, reg.listener_instance_id or "")
+
+
+def _kept_metadata(reg: Registration, old: dict[str, Any] | None) -> dict[str, Any]:
+    """A re-registration's metadata: what the device sent, plus the status-derived keys it did not."""
+    metadata = dict(reg.metadata)
+    for key in _STATUS_METADATA_KEYS:
+        value = (old or {}).get(key)
+        if key not in metadata and value is not None:
+            metadata[key] = value
+    return metadata
+
+
 class EnvironmentsSql:
     engine: AsyncEngine
+    registrations: GroupCommit[Registration, RegisterResult]
+
+    def _start_registrations(
+        self, max_batch: int = REGISTER_BATCH_MAX, max_pending: int = REGISTER_PENDING_MAX
+    ) -> None:
+        self.registrations = GroupCommit(self._register_batch, max_batch, max_pending)
 
     async def register(self, reg: Registration) -> RegisterResult:
-        slot = (
-            environments.c.org_id == reg.org_id,
-            environments.c.device_id == reg.device_id,
-            environments.c.listener_instance_id == (reg.listener_instance_id or ""),
-        )
-        for _ in range(3):
+        return await self.registrations.submit(reg)
+
+    async def _register_batch(self, regs: list[Registration]) -> list[RegisterResult | Exception]:
+        """One transaction for the batch; when it fails, each registration alone, so one bad row (or a
+        slot another pod inserted meanwhile) costs only its own caller an error."""
+        outcomes: dict[int, RegisterResult | Exception] = {}
+        pending = list(range(len(regs)))
+        while pending:
+            # A slot registered twice in one batch: the second waits for the next transaction, where it
+            # sees (and reports as replaced) the lease the first was given.
+            seen: set[_Slot] = set()
+            group: list[int] = []
+            later: list[int] = []
+            for i in pending:
+                (later if _slot(regs[i]) in seen else group).append(i)
+                seen.add(_slot(regs[i]))
+            if len(group) > 1:
+                try:
+                    together = await self._register_together([regs[i] for i in group])
+                    outcomes.update(zip(group, together, strict=True))
+                    group = []
+                except Exception:
+                    pass  # each alone, below
+            for i in group:
+                try:
+                    outcomes[i] = await self._register_alone(regs[i])
+                except Exception as exc:
+                    outcomes[i] = exc
+            pending = later
+        return [outcomes[i] for i in range(len(regs))]
+
+    async def _register_alone(self, reg: Registration) -> RegisterResult:
+        for _ in range(2):
             try:
-                async with self.engine.begin() as conn:
-                    # Lock the slot while reading it, so concurrent re-registrations of one slot queue
-                    # up and each sees the lease it replaces (none is lost without being reported as
-                    # previous). PostgreSQL: FOR UPDATE. SQLite ignores that; a no-op write as the first
-                    # statement takes its database write lock instead.
-                    if conn.dialect.name == "sqlite":
-                        await conn.execute(
-                            environments.update()
-                            .where(*slot)
-                            .values(last_seen_at=environments.c.last_seen_at)
-                        )
-                    locked = sa.select(environments).where(*slot).with_for_update()
-                    existing = (await conn.execute(locked)).mappings().first()
-                    if existing is None:
-                        row_id, previous = await self._insert(conn, reg), None
-                    else:
-                        row_id, previous = existing["id"], existing["connection_id"]
-                        await self._reregister(conn, reg, existing)
-                    fresh = (
-                        (await conn.execute(sa.select(environments).where(environments.c.id == row_id)))
-                        .mappings()
-                        .one()
-                    )
-                return RegisterResult(row=environment_row(fresh), previous_connection_id=previous)
+                [result] = await self._register_together([reg])
+                return result
             except IntegrityError:
-                # Two first registrations of one slot raced; the loser retries as an update.
+                # Another pod inserted this slot first: the retry finds its row and replaces its lease.
                 continue
-        raise RuntimeError("registration kept conflicting; giving up")
+        # A row that breaks a constraint itself fails every attempt: this one's error is its caller's.
+        [result] = await self._register_together([reg])
+        return result
 
-    async def _insert(self, conn: AsyncConnection, reg: Registration) -> str:
-        row_id = new_id("env")
-        await conn.execute(
-            environments.insert().values(
-                id=row_id,
-                org_id=reg.org_id,
-                device_id=reg.device_id,
-                listener_instance_id=reg.listener_instance_id or "",
-                connection_name=reg.connection_name,
-                metadata=reg.metadata,
-                user_id=reg.user_id,
-                api_key_owner=reg.user_id,
-                first_seen_at=reg.now_ms,
-                last_seen_at=reg.now_ms,
-                connection_id=reg.connection_id,
-                lease_issued_at=reg.now_ms,
+    async def _register_together(self, regs: list[Registration]) -> list[RegisterResult]:
+        """Registrations of distinct slots in one transaction: lock, read the known slots, insert the
+        new ones and re-lease the known ones (one statement each, many rows), no read back."""
+        async with self.engine.begin() as conn:
+            # Lock the slots while reading them, so concurrent re-registrations of one slot (on other
+            # pods) queue up and each sees the lease it replaces: none is lost without being reported
+            # as previous. Rows are locked in id order, so two pods' batches cannot deadlock.
+            if conn.dialect.name == "sqlite":
+                await conn.execute(_SQLITE_WRITE_LOCK)
+            # By device id (the slot index's leading columns); other listener slots of these devices
+            # come along and are left alone. A row-value IN over the whole slot defeats the index on
+            # both backends (a scan per batch).
+            read = (
+                sa.select(_t)
+                .where(
+                    _t.c.org_id.in_(sorted({r.org_id for r in regs})),
+                    _t.c.device_id.in_(sorted({r.device_id for r in regs})),
+                )
+                .order_by(_t.c.id)
             )
-        )
-        return row_id
-
-    async def _reregister(self, conn: AsyncConnection, reg: Registration, existing: sa.RowMapping) -> None:
-        """A new lease for a known slot; status-derived metadata survives it."""
-        row_id = existing["id"]
-        metadata = dict(reg.metadata)
-        for key in _STATUS_METADATA_KEYS:
-            old = (existing["metadata"] or {}).get(key)
-            if key not in metadata and old is not None:
-                metadata[key] = old
-        await conn.execute(
-            environments.update()
-            .where(environments.c.id == row_id)
-            .values(
-                connection_name=reg.connection_name,
-                metadata=metadata,
-                user_id=reg.user_id,
-                api_key_owner=reg.user_id,
-                last_seen_at=reg.now_ms,
-                connection_id=reg.connection_id,
-                lease_issued_at=reg.now_ms,
-                connected_at=None,
-                pod_id=None,
-            )
-        )
+            if conn.dialect.name != "sqlite":
+                read = read.with_for_update()
+            existing = {
+                (m["org_id"], m["device_id"], m["listener_instance_id"]): m
+                for m in (await conn.execute(read)).mappings().all()
+            }
+            inserts: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
+            results: list[RegisterResult] = []
+            for reg in regs:
+                old = existing.get(_slot(reg))
+                if old is None:
+                    row = EnvironmentRow(
+                        id=new_id("env"),
+                        org_id=reg.org_id,
+                        device_id=reg.device_id,
+                        listener_instance_id=reg.listener_instance_id or None,
+                        connection_name=reg.connection_name,
+                        metadata=dict(reg.metadata),
+                        user_id=reg.user_id,
+                        api_key_owner=reg.user_id,
+                        current_mode=None,
+                        first_seen_at=reg.now_ms,
+                        last_seen_at=reg.now_ms,
+                        connection_id=reg.connection_id,
+                        lease_issued_at=reg.now_ms,
+                        connected_at=None,
+                        pod_id=None,
+                        last_heartbeat=None,
+                    )
+                    inserts.append(
+                        {
+                            "id": row.id,
+                            "org_id": row.org_id,
+                            "device_id": row.device_id,
+                            "listener_instance_id": reg.listener_instance_id or "",
+                            "connection_name": row.connection_name,
+                            "metadata": row.metadata,
+                            "user_id": row.user_id,
+                            "api_key_owner": row.api_key_owner,
+                            "first_seen_at": row.first_seen_at,
+                            "last_seen_at": row.last_seen_at,
+                            "connection_id": row.connection_id,
+                            "lease_issued_at": row.lease_issued_at,
+                        }
+                    )
+                    results.append(RegisterResult(row=row, previous_connection_id=None))
+                    continue
+                row = environment_row(old)
+                previous = row.connection_id
+                row.connection_name = reg.connection_name
+                row.metadata = _kept_metadata(reg, old["metadata"])
+                row.user_id = row.api_key_owner = reg.user_id
+                row.last_seen_at = row.lease_issued_at = reg.now_ms
+                row.connection_id = reg.connection_id
+                row.connected_at = row.pod_id = None
+                updates.append(
+                    {
+                        "rid": row.id,
+                        "connection_name": row.connection_name,
+                        "metadata": row.metadata,
+                        "user_id": reg.user_id,
+                        "now": reg.now_ms,
+                        "connection_id": reg.connection_id,
+                    }
+                )
+                results.append(RegisterResult(row=row, previous_connection_id=previous))
+            if inserts:
+                await conn.execute(_INSERT, inserts)
+            if updates:
+                await conn.execute(_REREGISTER, updates)
+        return results
 
     async def list_environments(self, query: ListQuery) -> list[EnvironmentRow]:
         t = environments

@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tether.store.engine import make_engine, upgrade
-from tether.store.environments import EnvironmentsSql
+from tether.store.environments import REGISTER_BATCH_MAX, REGISTER_PENDING_MAX, EnvironmentsSql
 from tether.store.fleet import FleetSql
 from tether.store.keys import KEY_PREFIX
 from tether.store.teleports import TeleportsSql
@@ -21,9 +21,12 @@ __all__ = ["KEY_PREFIX", "SqlStore"]
 
 
 class SqlStore(UpstreamSql, EnvironmentsSql, TeleportsSql, FleetSql):
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, register_batch: int = REGISTER_BATCH_MAX, register_pending: int = REGISTER_PENDING_MAX
+    ) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._start_registrations(register_batch, register_pending)
 
     async def start(self) -> None:
         if self.url.startswith("sqlite"):
@@ -34,6 +37,7 @@ class SqlStore(UpstreamSql, EnvironmentsSql, TeleportsSql, FleetSql):
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
+        await self.registrations.close()
         await self.engine.dispose()
 
     async def ping(self) -> None:

@@ -61,6 +61,16 @@ environments = sa.Table(
     sa.UniqueConstraint("org_id", "device_id", "listener_instance_id", name="uq_environments_slot"),
     sa.Index("ix_environments_org_order", "org_id", "first_seen_at", "id"),
     sa.Index("ix_environments_pod", "pod_id"),
+    # The list's filters (migration 0004): by user, and only rows a pod claims (onlineOnly).
+    sa.Index("ix_environments_org_user_order", "org_id", "user_id", "first_seen_at", "id"),
+    sa.Index(
+        "ix_environments_org_online_order",
+        "org_id",
+        "first_seen_at",
+        "id",
+        postgresql_where=sa.text("pod_id IS NOT NULL"),
+        sqlite_where=sa.text("pod_id IS NOT NULL"),
+    ),
 )
 
 teleports = sa.Table(
