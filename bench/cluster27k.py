@@ -13,7 +13,11 @@ REST `onlineOnly=true` counting exactly the fleet; then one pod drained by SIGTE
 
 The drain. A device reconnects to the `wsUrl` it registered with; in production a balancer sends it
 to a pod that is up. Each generator plays that balancer: a socket for a pod out of its rotation goes
-to the next pod in it, round robin. The harness takes the pod out of the rotation, then sends SIGTERM
+to one in it chosen by a hash of the URL's path, which names the connection, so that a device's
+control and stream sockets reach the same pod. (Round robin, as README's nginx example does, sends
+them to different pods half the time: the stream socket is closed with 4002, "no current control
+socket for this stream", and the device retries with backoff; at 900 drained devices this left 80
+not back after 90 s.) The harness takes the pod out of the rotation, then sends SIGTERM
 (a balancer takes a pod out as its readiness turns; the draining pod closes its listeners at once).
 Two pods cannot hold 27,000 split-channel devices: that is 27,000 sockets each, past the 20,000 file
 descriptors a process may have. So before the drain one generator on each surviving pod stops its
@@ -32,6 +36,7 @@ import resource
 import socket
 import time
 import urllib.parse
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -70,7 +75,6 @@ class ClusterAgent(Agent):
         super().__init__()
         self.source_ip = source_ip
         self.rotation: list[str] = []  # host:port of the pods a socket may go to
-        self.turn = 0
         self.refused: Counter[str] = Counter()
         self.where: dict[str, str] = {}  # deviceId -> host:port of its last accepted socket
         device_client.connect = self._connect  # type: ignore[assignment,attr-defined]
@@ -100,8 +104,8 @@ class ClusterAgent(Agent):
 
         parts = urllib.parse.urlsplit(uri)
         if self.rotation and parts.netloc not in self.rotation:
-            self.turn += 1
-            parts = parts._replace(netloc=self.rotation[self.turn % len(self.rotation)])
+            # By the path (it names the connection), so a device's two sockets reach the same pod.
+            parts = parts._replace(netloc=self.rotation[zlib.crc32(parts.path.encode()) % len(self.rotation)])
             uri = urllib.parse.urlunsplit(parts)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

@@ -5,6 +5,10 @@ Reference devices (split channels, paired generations, 30 s heartbeats, a status
 its own 127.0.0.x address, so that neither a process's open-file limit nor one address's ephemeral
 ports run out.
 
+The connect time and the heartbeat CPU have a baseline too: the forwarder with the same reference
+devices registering split channels (two sockets each, greeted with `listener_ready`), connected the
+same way, then left idle; it reads each ping and drops it.
+
 The storm is run a second time against the baseline forwarder, with as many single-socket devices as
 Tether had sockets: the same number of WebSocket handshakes on the same stack, with nothing of
 Tether's own (auth, leases, pairing, presence).
@@ -34,7 +38,6 @@ STORM_LIMIT_SECONDS = 15.0
 STORM_WAIT_SECONDS = 60.0
 REST_WAIT_SECONDS = 20.0
 WINDOW_SECONDS = 60.0
-FLOOR_DEVICES = 2_000
 SETTLE_CPU_PERCENT = 30.0
 SETTLE_MAX_SECONDS = 40.0
 FLOOR_WINDOW_SECONDS = 30.0
@@ -91,34 +94,31 @@ async def _online_count(server: Server) -> int:
             after = page["connections"][-1]["id"]
 
 
-async def floor(run: Run, agents: list[AgentProcess], per_agent: int) -> float:
-    """CPU the baseline forwarder spends per idle device frame (a ping it reads and drops), in µs.
+async def floor(run: Run, agents: list[AgentProcess], per_agent: int) -> tuple[float, float, int]:
+    """The forwarder's side of the idle figures: (seconds to register and connect the same devices,
+    µs of CPU per heartbeat frame it reads and drops, devices ready).
 
-    The stack's own cost of receiving a heartbeat: no parsing, no answer, no storage. The reference
-    devices see the baseline's single-socket registration, so each pings one socket every 30 s.
+    The stack's own cost of a connect (registration, two handshakes) and of receiving a heartbeat: no
+    parsing, no answer, no storage. The devices register split channels as on Tether, so each opens
+    two sockets and pings both every 30 s. The window ends before the devices give up on the
+    forwarder's missing pongs (their fourth ping, 120 s after each became ready).
     """
-    baseline = await start_baseline(run.workdir / "idle-baseline")
+    baseline = await start_baseline(run.workdir / "idle-baseline", split=True)
     try:
-        count = min(per_agent, FLOOR_DEVICES // len(agents))
-        await asyncio.gather(
-            *(
-                a.call(
-                    "devices", group="floor", base_url=baseline.base_url, key="none", count=count, batch=100
-                )
-                for a in agents
-            )
-        )
+        total = per_agent * len(agents)
+        run.say(f"  baseline forwarder: connecting {total} split-channel devices, {BATCH} at a time each")
+        ready, connect_seconds, failed = await connect(run, baseline, agents, per_agent, total, "floor")
         await asyncio.sleep(2)
         cpu_before, t0 = baseline.cpu_seconds(), time.monotonic()
         await asyncio.sleep(FLOOR_WINDOW_SECONDS)
         seconds = time.monotonic() - t0
-        pings = count * len(agents) * seconds / HEARTBEAT_SECONDS
-        per_ping = 1e6 * (baseline.cpu_seconds() - cpu_before) / pings
+        pings = 2 * ready * seconds / HEARTBEAT_SECONDS
+        per_ping = 1e6 * (baseline.cpu_seconds() - cpu_before) / max(pings, 1e-9)
         run.say(
-            f"  baseline forwarder: {per_ping:.0f} µs of CPU per heartbeat frame it reads "
-            f"({count * len(agents)} devices)"
+            f"  baseline forwarder: {ready} devices in {connect_seconds:.1f} s ({failed} failed); "
+            f"{per_ping:.0f} µs of CPU per heartbeat frame it reads"
         )
-        return per_ping
+        return connect_seconds, per_ping, ready
     finally:
         baseline.kill()
         await asyncio.gather(*(a.call("stop", group="floor") for a in agents))
@@ -134,7 +134,7 @@ async def measure(run: Run) -> None:
         for i in range(GENERATORS)
     ]
     try:
-        floor_us = await floor(run, agents, per_agent)
+        floor_connect_seconds, floor_us, floor_ready = await floor(run, agents, per_agent)
         rss_before = router.rss_kib()
         run.say(f"  router RSS before: {rss_before / 1024:.1f} MiB; each process connects {BATCH} at a time")
         ready, connect_seconds, failed = await connect(run, router, agents, per_agent, total)
@@ -157,6 +157,21 @@ async def measure(run: Run) -> None:
             detail={"ready": ready, "online": online, "connect_seconds": connect_seconds, "failed": failed},
         )
         run.add(at_least(figure, 8000))
+        figure = Figure(
+            "connect_time",
+            f"{ready:,} split-channel devices registered and connected",
+            "s",
+            "≤ 1.1x baseline",
+            value=connect_seconds,
+            baseline=floor_connect_seconds if floor_ready == total else None,
+            ratio=connect_seconds / floor_connect_seconds if floor_ready == ready == total else None,
+            note=f"{GENERATORS} generator processes, each starting {BATCH} reference devices at a time "
+            "(register, control socket, listener_ready, stream socket, listener_ready, status frame); "
+            f"the forwarder, registering the same devices with split channels, had {floor_ready} of "
+            f"{total} ready in {floor_connect_seconds:.1f} s",
+            detail={"baseline_ready": floor_ready},
+        )
+        run.add(at_most(figure, 1.1))
         figure = Figure(
             "rss_per_device",
             "router RSS per idle device",
@@ -195,12 +210,15 @@ async def measure(run: Run) -> None:
         )
         pings_per_second = 2 * ready / HEARTBEAT_SECONDS
         floor_percent = floor_us * pings_per_second / 1e4
+        per_ping_us = cpu_percent * 1e4 / max(pings_per_second, 1e-9)
+        # Per 10,000 devices: each pings both sockets every 30 s, 667 pings/s.
+        per_10k = per_ping_us * (2 * 10_000 / HEARTBEAT_SECONDS) / 1e4
         note += (
             f". For scale: the baseline forwarder spends {floor_us:.0f} µs per heartbeat frame it only "
             "reads, "
             f"so {pings_per_second:.0f} pings/s would cost it {floor_percent:.1f}% of a core; Tether spends "
-            f"{cpu_percent * 1e4 / max(pings_per_second, 1e-9):.0f} µs per ping "
-            "(answering each, keeping liveness)"
+            f"{per_ping_us:.0f} µs per ping "
+            f"(answering each, keeping liveness): {per_10k:.1f}% of a core per 10,000 devices"
         )
         figure = Figure(
             "heartbeat_cpu",
@@ -210,9 +228,27 @@ async def measure(run: Run) -> None:
             value=cpu_percent,
             baseline=floor_percent,
             note=note,
-            detail={"baseline_us_per_frame": floor_us, "pings_per_second": pings_per_second},
+            detail={
+                "baseline_us_per_frame": floor_us,
+                "pings_per_second": pings_per_second,
+                "us_per_ping": per_ping_us,
+                "percent_per_10k_devices": per_10k,
+            },
         )
         run.add(at_most(figure, 5))
+        figure = Figure(
+            "heartbeat_cpu_per_ping",
+            "heartbeat CPU per ping",
+            "µs",
+            "≤ 1.0x baseline",
+            value=per_ping_us,
+            baseline=floor_us,
+            ratio=per_ping_us / floor_us if floor_us > 0 else None,
+            note=f"Tether answers each ping (a pong) and refreshes liveness; the forwarder only reads "
+            f"it. Tether: {per_10k:.1f}% of a core per 10,000 devices (20,000 sockets pinging every "
+            f"{HEARTBEAT_SECONDS:.0f} s), the forwarder {floor_us * 2 / HEARTBEAT_SECONDS:.1f}%",
+        )
+        run.add(at_most(figure, 1.0))
 
         figure = await storm(run, router, agents, ready)
         run.sections["idle_problems"] = router.problems()[:20]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
-import time
 import uuid
 from typing import Any
 
@@ -232,11 +230,12 @@ def _report(run: Run, results: dict[tuple[str, str], list[dict[str, Any]]]) -> N
                 baseline=ceiling,
                 ratio=rate / ceiling,
                 note=(
-                    f"median of {len(got)} alternating rounds of {got[0]['seconds']:.0f} s, {IN_FLIGHT} in flight "
-                    f"from one generator process; {'a new slot' if workload == 'new' else 'a known slot'} "
+                    f"median of {len(got)} alternating rounds of {got[0]['seconds']:.0f} s, "
+                    f"{IN_FLIGHT} in flight from one generator process; {'a new slot' if workload == 'new' else 'a known slot'} "
                     f"each; p50 {statistics.median(r['p50_ms'] for r in got):.1f} ms, p99 "
                     f"{statistics.median(r['p99_ms'] for r in got):.1f} ms; router CPU "
-                    f"{statistics.median(r['router_cpu_percent'] for r in got):.0f}% of a core; {errors} errors. "
+                    f"{statistics.median(r['router_cpu_percent'] for r in got):.0f}% of a core; "
+                    f"{errors} errors. "
                     f"Baseline: the generator's ceiling, the forwarder answering register from memory"
                 ),
                 detail={"rounds": got, "baseline_rounds": results[(workload, "baseline")]},
@@ -249,4 +248,4 @@ def _report(run: Run, results: dict[tuple[str, str], list[dict[str, Any]]]) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

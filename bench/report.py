@@ -93,7 +93,7 @@ def _num(value: float | None, unit: str = "") -> str:
 
 def _verdict(figure: Figure) -> str:
     if figure.passed is None:
-        return "not measured"
+        return "not measured" if figure.value is None else "recorded (no target)"
     if figure.passed:
         return "pass"
     return f"**MISS**: {figure.miss}" if figure.miss else "**MISS**"
@@ -209,7 +209,7 @@ def _details(run: Run) -> list[str]:
             "| --- | --- | --- | --- | --- |",
         ]
         for name, runs in stream.detail["runs"].items():
-            server_key = "baseline" if name == "baseline" else "router"
+            server_key = "baseline" if name.startswith("baseline") else "router"
             for r in runs:
                 cpu = r.get("cpu_percent", {})
                 out.append(

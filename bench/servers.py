@@ -209,9 +209,12 @@ async def start_tether(
     return server
 
 
-async def start_baseline(workdir: Path) -> Server:
+async def start_baseline(workdir: Path, rows: Path | None = None, split: bool = False) -> Server:
+    """The forwarder; with `rows`, it also serves the list endpoint over them; `split`: devices
+    register with split channels, as on Tether (bench/baseline.py)."""
     port = free_port()
-    args = ["-m", "bench.baseline", "--port", str(port)]
+    args = ["-m", "bench.baseline", "--port", str(port), *(["--rows", str(rows)] if rows else [])]
+    args += ["--split"] if split else []
     server = _spawn(
         "baseline", args, dict(os.environ), REPO, workdir / "baseline.log", f"http://127.0.0.1:{port}"
     )

@@ -130,7 +130,10 @@ async def watch_slot(api: Api, watch: Watch, seconds: float, settle: float) -> N
     settled_events: int | None = None
     row_id: str | None = None
     while (at := time.monotonic() - started) < seconds:
-        row = await api.rest(watch.device_id)
+        row = await api.find(watch.device_id)
+        if row is None:  # not registered yet
+            await asyncio.sleep(SAMPLE_SECONDS)
+            continue
         row_id = row["id"]
         watch.samples += 1
         conn = row["connectionId"]
@@ -162,11 +165,12 @@ class Pair:
 
 async def reference_pair(run: Run, label: str, servers: tuple[Server, Server], seconds: float) -> Pair:
     """Two `tether device` processes on one slot (each through its own pod when the servers differ)."""
-    device_id = f"dup-{label}-{uuid.uuid4().hex[:6]}"
-    name = f"dup-{label}"
+    slug = label.replace(" ", "-")
+    device_id = f"dup-{slug}-{uuid.uuid4().hex[:6]}"
+    name = f"dup-{slug}"
     api = Api(servers[0], servers[0].key)
     devices = [
-        spawn_device(run.workdir, s.base_url, s.key, name, device_id, f"{label}-{i}")
+        spawn_device(run.workdir, s.base_url, s.key, name, device_id, f"{slug}-{i}")
         for i, s in enumerate(servers)
     ]
     pair = Pair(label, Watch(label, device_id))

@@ -38,6 +38,8 @@ from tether.device.client import Device
 
 # Netlocs ("127.0.0.1:port") of the pods new connections go to, in turn; set by the harness.
 ROUTE: list[str] = []
+# Devices held on one pod whatever ROUTE says (the harness's route probes): deviceId -> netloc.
+PINS: dict[str, str] = {}
 _turn = itertools.count()
 _post_json = device_client.post_json
 RELAY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)  # a relay client's waits between reconnects
@@ -53,6 +55,8 @@ def rerouted(url: str) -> str:
         return url
     parts = urlsplit(url)
     device = dict(parse_qsl(parts.query)).get("deviceId")
+    if device in PINS:
+        return urlunsplit(parts._replace(netloc=PINS[device]))
     turn = zlib.crc32(device.encode()) if device else next(_turn)
     return urlunsplit(parts._replace(netloc=ROUTE[turn % len(ROUTE)]))
 
@@ -227,15 +231,28 @@ class FaultAgent(Agent):
         self.pairs: dict[str, RelayPair] = {}
         self._pinger: asyncio.Task[None] | None = None
 
-    async def route(self, netlocs: list[str]) -> None:
+    async def route(self, netlocs: list[str], pins: dict[str, str] | None = None) -> None:
         ROUTE[:] = netlocs
+        if pins is not None:
+            PINS.clear()
+            PINS.update(pins)
 
-    async def tagged_devices(self, group: str, base_url: str, key: str, count: int, batch: int = 50) -> Any:
-        """`count` reference devices that keep every frame; their ids once all are ready."""
+    async def tagged_devices(
+        self, group: str, base_url: str, key: str, count: int, batch: int = 50, ids: list[str] | None = None
+    ) -> Any:
+        """`count` reference devices that keep every frame (device ids `ids`, if given); their ids
+        once all are ready."""
         devices = self.groups.setdefault(group, [])
         for first in range(0, count, batch):
             fresh = [
-                Device(base_url, key, f"{group}-{len(devices) + i}", record=True, ready_timeout=30)
+                Device(
+                    base_url,
+                    key,
+                    f"{group}-{len(devices) + i}",
+                    device_id=ids[first + i] if ids else None,
+                    record=True,
+                    ready_timeout=30,
+                )
                 for i in range(min(batch, count - first))
             ]
             devices.extend(fresh)

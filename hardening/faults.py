@@ -43,7 +43,6 @@ DEVICES = 2_000
 RELAY_CLIENTS = 200
 SENDS_PER_SECOND = 50.0
 GENERATORS = 2  # device processes; the relay clients and the probe devices run in a third
-PROBE_DEVICES = 3
 WATCHED_SHARE = 0.3  # sends that go to a device a relay client watches (so relay frames flow)
 SAMPLE_SECONDS = 0.2  # /readyz and the route probe, per pod
 PROBE_TIMEOUT_SECONDS = 4.0
@@ -175,6 +174,7 @@ class Harness:
         self.samples: list[Sample] = []
         self.phases: list[Phase] = []
         self.problems: list[str] = []
+        self.lost_frames: list[str] = []  # examples of relay frames lost unannounced, for the report
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.pending: set[asyncio.Task[None]] = set()
@@ -183,6 +183,8 @@ class Harness:
             limits=httpx.Limits(max_connections=400, max_keepalive_connections=100),
         )
         self._route: list[str] = []
+        self._pins: dict[str, str] = {}
+        self.probe_of: dict[str, Target] = {}  # pod -> the probe device held on it
         self._tag = itertools.count(1)
 
     # ---- services and pods -------------------------------------------------------------------
@@ -216,7 +218,10 @@ class Harness:
         server.key = self.key
         self.pods[name] = server
         self.ready[name] = True
-        self.tasks.append(asyncio.get_running_loop().create_task(self._sample_loop(name, server)))
+        orphan = next((t for p, t in self.probe_of.items() if p not in self.pods), None)
+        if orphan is not None:  # the probe device of a pod that is gone moves to its replacement
+            self.probe_of = {p: t for p, t in self.probe_of.items() if t is not orphan}
+            self.probe_of[name] = orphan
         await self.push_route()
         return server
 
@@ -228,10 +233,11 @@ class Harness:
         load balancer that follows /readyz."""
         ready = [self.netloc(s) for n, s in self.pods.items() if self.ready.get(n)]
         route = ready or [self.netloc(s) for s in self.pods.values()]
-        if route != self._route:
-            self._route = route
+        pins = {t.device_id: self.netloc(self.pods[p]) for p, t in self.probe_of.items() if p in self.pods}
+        if route != self._route or pins != self._pins:
+            self._route, self._pins = route, pins
             everyone = [*self.agents, *([self.clients] if self.clients else [])]
-            await asyncio.gather(*(a.call("route", netlocs=route) for a in everyone))
+            await asyncio.gather(*(a.call("route", netlocs=route, pins=pins) for a in everyone))
 
     # ---- load ---------------------------------------------------------------------------------
 
@@ -244,13 +250,18 @@ class Harness:
                 limit=256 * 1024 * 1024,
             )  # fmt: skip
         agent = AgentProcess(name, proc)
-        await agent.call("route", netlocs=self._route)
+        await agent.call("route", netlocs=self._route, pins=self._pins)
         return agent
 
     async def start_load(self, devices: int, relays: int) -> None:
         base = next(iter(self.pods.values())).base_url
         self.agents = [await self.start_agent(f"devices-{i}") for i in range(GENERATORS)]
         self.clients = await self.start_agent("clients")
+        # One probe device held on each pod, so that each pod's route probe can reach a device there.
+        probe_ids = [str(uuid.uuid4()) for _ in self.pods]
+        self.probe_of = {p: Target(i, "", "default") for p, i in zip(self.pods, probe_ids, strict=True)}
+        self._route = []  # pushed again, with the pins
+        await self.push_route()
         started = time.monotonic()
         each = devices // GENERATORS
         groups = await asyncio.gather(
@@ -259,7 +270,12 @@ class Harness:
                 for a in self.agents
             ),
             self.clients.call(
-                "tagged_devices", group="probe", base_url=base, key=self.key, count=PROBE_DEVICES
+                "tagged_devices",
+                group="probe",
+                base_url=base,
+                key=self.key,
+                count=len(probe_ids),
+                ids=probe_ids,
             ),
         )
         per_agent = relays // GENERATORS
@@ -270,7 +286,9 @@ class Harness:
                 self.fleet.append(target)
                 if j < per_agent:
                     self.watched.append(target)
-        self.probes = [Target(d["device_id"], d["connection_id"], "default") for d in groups[-1]]
+        for target, d in zip(self.probe_of.values(), groups[-1], strict=True):
+            target.connection_id = d["connection_id"]
+        self.probes = list(self.probe_of.values())
         self.run.say(
             f"  {len(self.fleet)} devices and {len(self.probes)} probe devices ready in "
             f"{time.monotonic() - started:.0f} s; opening {len(self.watched)} relay client pairs"
@@ -331,48 +349,64 @@ class Harness:
 
     # ---- readiness honesty -----------------------------------------------------------------
 
-    async def _sample_loop(self, name: str, server: Server) -> None:
+    async def sample_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        probe = itertools.count()
-        while not self.stop.is_set() and name in self.pods:
-            self._spawn(self._sample(name, server, next(probe)))
+        while not self.stop.is_set():
+            self._spawn(self._round())
             next_at += SAMPLE_SECONDS
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 
-    async def _sample(self, name: str, server: Server, n: int) -> None:
+    async def _round(self) -> None:
+        """One instant's samples of every live pod: its /readyz, and whether it routed a send to the
+        probe device on itself (database, Redis, its own socket) and to the one on the next pod (the
+        bus). A failed cross-pod send counts against this pod only when the next pod's own probe
+        succeeded in the same instant: a pod is not blamed for another's outage."""
         at = time.time()
+        pods = [(n, s) for n, s in self.pods.items() if n in self.probe_of]
+        if not pods:
+            return
 
-        async def readyz() -> int:
+        async def readyz(server: Server) -> int:
             try:
-                return (
-                    await self.http.get(f"{server.base_url}/readyz", timeout=PROBE_TIMEOUT_SECONDS)
-                ).status_code
+                response = await self.http.get(f"{server.base_url}/readyz", timeout=PROBE_TIMEOUT_SECONDS)
             except httpx.HTTPError:
                 return 0
+            return response.status_code
 
-        async def routes() -> bool | None:
-            if not self.probes:
-                return None
-            target = self.probes[n % len(self.probes)]
-            sent = await asyncio.wait_for(
-                self.send(target, name, server, self.sends), PROBE_TIMEOUT_SECONDS + 1
-            )
+        async def probe(name: str, server: Server, target: Target) -> bool | None:
+            try:
+                sent = await asyncio.wait_for(
+                    self.send(target, name, server, self.sends), PROBE_TIMEOUT_SECONDS
+                )
+            except TimeoutError:
+                return False
             if sent.success:
                 return True
-            if sent.status == 200:
-                return None  # the probe device was offline: says nothing about this pod
-            return False
+            return None if sent.status == 200 else False  # success: false: the probe device is away
 
-        ready, route = await asyncio.gather(readyz(), routes(), return_exceptions=True)
-        ready_code = ready if isinstance(ready, int) else 0
-        route_ok = route if isinstance(route, bool) or route is None else False
-        if name in self.pods:
-            self.samples.append(Sample(name, at, ready_code, route_ok))
-            was = self.ready.get(name)
-            self.ready[name] = ready_code == 200
-            if was != self.ready[name]:
-                await self.push_route()
+        nexts = {n: pods[(i + 1) % len(pods)][0] for i, (n, _) in enumerate(pods)}
+        codes, local, cross = await asyncio.gather(
+            asyncio.gather(*(readyz(s) for _, s in pods)),
+            asyncio.gather(*(probe(n, s, self.probe_of[n]) for n, s in pods)),
+            asyncio.gather(*(probe(n, s, self.probe_of[nexts[n]]) for n, s in pods)),
+        )
+        own = {n: local[i] for i, (n, _) in enumerate(pods)}
+        changed = False
+        for i, (name, _) in enumerate(pods):
+            routes = local[i]
+            if routes is not False and cross[i] is False and own[nexts[name]] is True and len(pods) > 1:
+                routes = False
+            elif routes is None and cross[i] is True:
+                routes = True
+            if name not in self.pods:
+                continue
+            self.samples.append(Sample(name, at, codes[i], routes))
+            if self.ready.get(name) != (codes[i] == 200):
+                self.ready[name] = codes[i] == 200
+                changed = True
+        if changed:
+            await self.push_route()
 
     # ---- recovery ---------------------------------------------------------------------------
 
@@ -519,7 +553,7 @@ class Harness:
             elif s.status == 200:
                 c["offline"] += 1
             else:
-                c[f"other {s.status or s.code}"] += 1
+                c[f"other {s.status or s.code or 'no answer'}"] += 1
 
         for sample in self.samples:
             c = per[self.phase_of(sample.at)]
@@ -554,6 +588,9 @@ class Harness:
         row.detail["recovered_seconds"] = recovered
         row.detail["device_stats"] = data["stats"]
         row.detail["duplicate_deliveries"] = duplicates
+        row.detail["relay_lost_examples"] = self.lost_frames
+        for example in self.lost_frames[:10]:
+            self.run.say(f"  relay frame lost unannounced: {example}")
         for line in lines:
             self.run.say("  " + line)
 
@@ -615,6 +652,14 @@ class Harness:
                     if j < len(arrived) and arrived[j][1]:
                         continue  # the next frame it got followed an announced loss
                     c["relay_lost"] += 1
+                    if len(self.lost_frames) < 20:
+                        phase = self.phase_of(emitted_at)
+                        began = next((p.start for p in self.phases if p.name == phase), 0.0)
+                        self.lost_frames.append(
+                            f"{phase} +{emitted_at - began:.1f} s: device {device_id[:8]} frame {i} of "
+                            f"{len(events)}; socket opens {sock['opens']}, resumed {sock['resume_hits']}, "
+                            f"closes {sock['closes']}"
+                        )
 
     async def close(self) -> None:
         self.stop.set()
@@ -656,6 +701,7 @@ async def measure(run: Run) -> None:
         await h.start_pod(behind_partition=True)
         await h.start_load(devices, relays)
         h.tasks.append(asyncio.get_running_loop().create_task(h.send_loop(rate)))
+        h.tasks.append(asyncio.get_running_loop().create_task(h.sample_loop()))
         steady = Phase("start", time.time())
         await h.wait_recovered(steady)
         await asyncio.sleep(max(10.0, 30 * run.scale))

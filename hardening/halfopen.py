@@ -92,7 +92,16 @@ class Api:
         await self.http.aclose()
 
     async def rest(self, device_id: str) -> dict[str, Any]:
+        row = await self.find(device_id)
+        if row is None:
+            raise LookupError(f"no environment {device_id!r}")
+        return row
+
+    async def find(self, device_id: str) -> dict[str, Any] | None:
+        """The REST row of `device_id`, None before it registered."""
         r = await self.http.get(f"/v1/environments/{device_id}")
+        if r.status_code == 404:
+            return None
         r.raise_for_status()
         return dict(r.json())
 

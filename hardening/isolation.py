@@ -467,13 +467,22 @@ async def run_matrix(world: World) -> Matrix:
                 matrix.cells.append(cell)
                 if credential == OWN and route.after is not None and cell.ok:
                     await route.after(world)
-        # What another organization did must not have touched alpha's rows or their leases.
+        # What another organization did (registering the shared row's deviceId among them) must not
+        # have touched alpha's rows: the online device keeps its lease, the shared row's lease serves.
         own = {"Authorization": f"Bearer {world.keys[OWN]}"}
-        for row in (world.device, world.spare["shared"]):
-            r = await http.get(f"{world.server.base_url}{E}/{row['deviceId']}", headers=own)
-            if r.status_code != 200 or r.json().get("connectionId") != row["connectionId"]:
-                problem = f"alpha's {row['deviceId']} lost its lease: {r.status_code} {r.text[:200]}"
-                matrix.problems.append(problem)
+        r = await http.get(f"{world.server.base_url}{E}/{world.device['deviceId']}", headers=own)
+        if r.status_code != 200 or r.json().get("connectionId") != world.device["connectionId"]:
+            matrix.problems.append(f"alpha's online device lost its lease: {r.status_code} {r.text[:200]}")
+        # The leak detector's own check: the markers it looks for do show where they belong.
+        r = await http.get(f"{world.server.base_url}{E}", headers=own)
+        if world.device["deviceId"] not in r.text or not _leaks(r.text, "", world.markers["alpha"]):
+            matrix.problems.append(
+                "alpha's own listing shows none of alpha's markers: the leak check is blind"
+            )
+        shared = world.spare["shared"]
+        got, _ = await _device_cell(world, OWN, f"{E}/ws/{shared['connectionId']}")
+        if got != "ready":
+            matrix.problems.append(f"alpha's lease of the deviceId beta registered too: {got}, not ready")
     return matrix
 
 

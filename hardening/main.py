@@ -16,7 +16,19 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hardening import api_fuzz, duplicates, dupsends, faults, halfopen, isolation, report, socket_fuzz
+from hardening import (
+    api_fuzz,
+    duplicates,
+    dupsends,
+    faults,
+    halfopen,
+    isolation,
+    report,
+    resume,
+    slow_clients,
+    socket_fuzz,
+    startup,
+)
 from hardening.core import Row, Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,10 +36,13 @@ ROWS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "api_fuzz": api_fuzz.measure,
     "isolation": isolation.measure,
     "socket_fuzz": socket_fuzz.measure,
+    "slow_clients": slow_clients.measure,
     "half_open": halfopen.measure,
     "duplicate_listeners": duplicates.measure,
     "duplicate_sends": dupsends.measure,
     "faults": faults.measure,
+    "resume": resume.measure,
+    "cold_start": startup.measure,
 }
 
 

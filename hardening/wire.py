@@ -68,6 +68,7 @@ class RawSocket:
         self.sock = sock
         self.status = status  # of the upgrade response: 101 when the socket opened
         self._buffer = bytearray(buffered)  # received but not yet parsed
+        self._reading: asyncio.Task[bytes] | None = None  # the read in flight, if any
         self.header = b""  # the upgrade response's status line and headers
 
     @classmethod
@@ -111,15 +112,21 @@ class RawSocket:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     async def _fill(self, n: int, deadline: float) -> bool:
-        """Have at least `n` bytes buffered; False when the stream ended first. TimeoutError past deadline."""
+        """Have at least `n` bytes buffered; False when the stream ended first. TimeoutError past deadline.
+
+        The read in flight is never cancelled (a timeout or a cancelled caller leaves it to the next
+        call): cancelling a read that had just completed would drop its bytes and break the framing."""
         loop = asyncio.get_running_loop()
         while len(self._buffer) < n:
+            if self._reading is None:
+                self._reading = loop.create_task(loop.sock_recv(self.sock, 1 << 20))
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or not (await asyncio.wait({self._reading}, timeout=left))[0]:
                 raise TimeoutError
+            reading, self._reading = self._reading, None
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), left)
-            except ConnectionError:
+                chunk = reading.result()
+            except (ConnectionError, OSError):
                 return False
             if not chunk:
                 return False
@@ -182,6 +189,8 @@ class RawSocket:
 
     def abort(self) -> None:
         """Drop the connection at once (a reset, no closing handshake)."""
+        if self._reading is not None:
+            self._reading.cancel()
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()

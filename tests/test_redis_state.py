@@ -204,6 +204,19 @@ async def test_claims_are_exclusive_across_pods_until_released(cluster: Cluster)
     assert await b.live.claim("msg:conn-1:m1")
 
 
+async def test_a_claim_reads_pending_on_every_pod_until_its_claimant_confirms_it(cluster: Cluster) -> None:
+    a = await cluster.pod("a")
+    b = await cluster.pod("b")
+    assert await b.live.claim_state("msg:conn-1:m2") is None
+    assert await a.live.claim("msg:conn-1:m2")
+    assert await b.live.claim_state("msg:conn-1:m2") is False  # a retry on B waits for A's outcome
+    await a.live.confirm("msg:conn-1:m2")
+    assert await b.live.claim_state("msg:conn-1:m2") is True
+    assert not await b.live.claim("msg:conn-1:m2")
+    await a.live.confirm("msg:conn-1:never-claimed")  # confirming creates no claim
+    assert await b.live.claim_state("msg:conn-1:never-claimed") is None
+
+
 async def test_runtime_location_noted_on_one_pod_is_found_on_another(cluster: Cluster) -> None:
     a = await cluster.pod("a")
     b = await cluster.pod("b")

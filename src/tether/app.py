@@ -20,6 +20,7 @@ from tether.api.console import router as console_router
 from tether.api.fleet import router as fleet_router
 from tether.api.limits import BodyLimit
 from tether.bus.base import Bus
+from tether.bus.history import HistoryStore, MemoryHistoryStore
 from tether.bus.memory import MemoryBus
 from tether.clock import now_ms
 from tether.config import Settings
@@ -35,16 +36,20 @@ def build_node(settings: Settings) -> Node:
     store = SqlStore(settings.resolved_database_url)
     live: LiveState
     bus: Bus
+    history: HistoryStore
     if settings.redis_url:
+        from tether.bus.history import RedisHistoryStore
         from tether.bus.redis import RedisBus
         from tether.livestate.redis import RedisLiveState
 
         live = RedisLiveState(settings)
         bus = RedisBus(settings)
+        history = RedisHistoryStore(settings)
     else:
         live = MemoryLiveState(settings.pod_id, settings.dedupe_seconds * 1000)
         bus = MemoryBus()
-    return Node(settings, store, live, bus)
+        history = MemoryHistoryStore(settings)
+    return Node(settings, store, live, bus, history)
 
 
 async def bootstrap_key(node: Node) -> str | None:
@@ -85,9 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
             if node.connected:
                 await node.drain(settings.shutdown_drain_seconds)
             else:
-                log.warning(
-                    "stopping before the database and Redis answered (%s)", ", ".join(node.waiting_for)
-                )
+                waiting = " and ".join(node.waiting_for)
+                log.warning("start-up interrupted by a signal: stopping before %s answered", waiting)
             await node.stop()
 
     app = FastAPI(

@@ -288,6 +288,19 @@ class Settings:
         default=120.0,
         metadata={"doc": "How long a closed relay socket's history stays resumable."},
     )
+    history_flush_ms: float = field(
+        default=20.0,
+        metadata={
+            "doc": "Cluster: relay history is written to Redis this often, in one pipeline (a pod killed"
+            " between two writes loses at most this much of it: a resume then resyncs)."
+        },
+    )
+    history_buffer_frames: int = field(
+        default=100_000,
+        metadata={
+            "doc": "Cluster: relay frames waiting for their Redis write, per pod; beyond, oldest dropped."
+        },
+    )
     reorder_wait_ms: float = field(
         default=50.0,
         metadata={

@@ -14,6 +14,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from tether.bus.base import Bus
+from tether.bus.history import HistoryStore, MemoryHistoryStore
 from tether.clock import now_ms
 from tether.config import Settings, redact_url
 from tether.gateway.gateway import Gateway
@@ -46,8 +47,11 @@ CLOSE_UNCONNECTED_SECONDS = 2.0
 
 
 class Node:
-    def __init__(self, settings: Settings, store: Store, live: LiveState, bus: Bus) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, live: LiveState, bus: Bus, history: HistoryStore | None = None
+    ) -> None:
         self.settings = settings
+        self.history = history if history is not None else MemoryHistoryStore(settings)
         self.pod_id = settings.pod_id
         self.store = store
         self.live = live
@@ -71,7 +75,7 @@ class Node:
         self.environments = Environments(settings, store, live, self.hub, bus, self.counters)
         self.sending = Sending(live, self.hub, self.counters)
         self.leases = Leases(settings, store, live, self.hub, bus, self.counters, self.tasks)
-        self.relays = Relays(settings, self.hub, self.counters, self.tasks)
+        self.relays = Relays(settings, self.hub, self.counters, self.tasks, self.history)
         self.teleports = Teleports(store, live, self.hub, self.environments, self.tasks)
         self.pod_stats = PodStats(settings, store, live, self.hub, self.counters)
         self.fleet = Fleet(settings, store, live, self.hub, bus, self.pod_stats)
@@ -133,6 +137,7 @@ class Node:
         # Both wait for Redis themselves (`redisconn.waiting`), logging as they go.
         await self.live.start()
         await self.bus.start()
+        await self.history.start()
         self.waiting.discard("redis")
 
     async def _report_waiting(self) -> None:
@@ -162,6 +167,7 @@ class Node:
             return
         await self._flush_heartbeats()
         await self.leases.stop()
+        await self.history.close()
         await self.bus.close()
         await self.live.close()
         await self.store.close()
@@ -170,7 +176,12 @@ class Node:
 
     async def _close_unconnected(self) -> None:
         """Stopped before its services all answered: close each without waiting on one that is away."""
-        closes: list[Awaitable[None]] = [self.bus.close(), self.live.close(), self.store.close()]
+        closes: list[Awaitable[None]] = [
+            self.history.close(),
+            self.bus.close(),
+            self.live.close(),
+            self.store.close(),
+        ]
         if self.gateway is not None:
             closes.append(self.gateway.close())
         for closing in closes:
@@ -204,8 +215,9 @@ class Node:
             return False, f"database unreachable: {exc.__class__.__name__}"
         if not self.live.healthy:
             return False, "live state (Redis) unavailable"
-        if not self.bus.healthy:
-            return False, "bus (Redis) subscription not running"
+        bus_problem = await self.bus.readiness()
+        if bus_problem is not None:
+            return False, f"bus (Redis): {bus_problem}"
         if self.draining:
             return False, "draining"
         if self.gateway is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tether.protocol.dedupe import DedupeWindow
+from tether.protocol.dedupe import DELIVERED, PENDING, DedupeWindow
 
 WINDOW = 120_000.0
 
@@ -45,3 +45,19 @@ def test_max_keys_bounds_memory_by_forgetting_the_oldest() -> None:
     assert not w.claim("d", 1) and not w.claim("c", 1) and not w.claim("b", 1)
     assert w.claim("a", 1), "the oldest key was dropped to stay within max_keys"
     assert len(w._seen) == 3
+
+
+def test_a_claim_is_pending_until_confirmed_and_a_released_one_holds_nothing() -> None:
+    w = DedupeWindow(WINDOW)
+    assert w.state("k", 0) is None
+    assert w.claim("k", 0)
+    assert w.state("k", 1) is PENDING  # a retry now must wait for the first attempt's outcome
+    w.confirm("k")
+    assert w.state("k", 2) is DELIVERED
+    assert not w.claim("k", 3)
+    assert w.state("k", WINDOW) is None, "the window runs from the claim, confirmed or not"
+    assert w.claim("j", 0)
+    w.release("j")
+    assert w.state("j", 1) is None
+    w.confirm("never-claimed")  # harmless: a confirm never creates a claim
+    assert w.state("never-claimed", 1) is None

@@ -237,7 +237,7 @@ async def get_teleport(
 async def delete_environment(
     request: Request,
     caller: Caller,
-    environmentId: Annotated[str, Path(min_length=1, max_length=MAX_ID)],
+    environmentId: Annotated[str, Path(min_length=1, max_length=MAX_ID, description="The row's `id`.")],
 ) -> Response:
     """Delete an environment row by its `id`. A device still connected is closed with 1008 and
     re-registers, creating a fresh row."""
@@ -248,7 +248,9 @@ async def delete_environment(
 
 @router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_NOT_FOUND)
 async def retrieve_environment(
-    request: Request, caller: Caller, deviceId: Annotated[str, Path(min_length=1)]
+    request: Request,
+    caller: Caller,
+    deviceId: Annotated[str, Path(min_length=1, description="The device's stable `deviceId`.")],
 ) -> Json:
     """One environment by its stable deviceId (the freshest listener slot when several share it)."""
     # The ASGI path is already percent-decoded, so `%2F` inside an id would read as a separator:

@@ -13,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tether.api.responses import Json
-from tether.api.schemas import ErrorBody
+from tether.api.schemas import ErrorBody, merge_identical_paths
 from tether.gateway.upstream import UpstreamFailure
 from tether.livestate.base import LiveStateUnavailable
 
@@ -151,24 +151,32 @@ def install(app: FastAPI) -> None:
 
 
 def _allowed(app: FastAPI, path: str) -> str:
-    """Every method some route serves at `path`. Starlette's 405 names only the first route whose path
-    matched, but one path may have a route per method (`DELETE` and `GET /v1/environments/{id}`)."""
-    methods: set[str] = set()
+    """The methods served at `path`, as OpenAPI matches a URL: by the routes with the most literal
+    segments (`/v1/environments/register` is not also the catch-all `/v1/environments/{deviceId}`),
+    all of them, not only the first as Starlette's 405 says (`DELETE` and `GET /v1/environments/{id}`)."""
+    best, methods = -1, set()
     for route in iter_route_contexts(app.routes):
         regex, served = getattr(route, "path_regex", None), route.methods
-        if served and regex is not None and regex.match(path):
+        if not served or regex is None or not regex.match(path):
+            continue
+        literal = sum(1 for part in str(route.path).split("/") if part and "{" not in part)
+        if literal > best:
+            best, methods = literal, set(served)
+        elif literal == best:
             methods |= served
     return ", ".join(sorted(methods))
 
 
 def _document_errors_as_json(app: FastAPI) -> None:
-    """Every validation failure is a 400 `ErrorBody`: drop FastAPI's generated 422 from the schema."""
+    """Every validation failure is a 400 `ErrorBody`: drop FastAPI's generated 422 from the schema
+    (and serve one path item per URL shape, see merge_identical_paths)."""
     generate: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
+        schema["paths"] = merge_identical_paths(schema.get("paths", {}))
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,6 +29,34 @@ def documented(schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
         generated.update(kept | schema)
 
     return apply
+
+
+_TEMPLATE = re.compile(r"\{([^}]+)\}")
+
+
+def merge_identical_paths(paths: dict[str, Any]) -> dict[str, Any]:
+    """One path item per URL shape. `DELETE /v1/environments/{environmentId}` and
+    `GET /v1/environments/{deviceId}` are one URL with two methods, but OpenAPI forbids two templates
+    that differ only in their names: clients and fuzzers would see two resources, each with one
+    method. Merged, the template's name joins both (`{environmentIdOrDeviceId}`) and each operation
+    keeps its own parameter description."""
+    merged: dict[str, dict[str, Any]] = {}  # URL shape ("/a/{}") -> (template names, path item)
+    for path, item in paths.items():
+        shape, ours = _TEMPLATE.sub("{}", path), _TEMPLATE.findall(path)
+        if shape not in merged:
+            merged[shape] = {"names": ours, "item": item}
+            continue
+        kept = merged[shape]
+        joined = [
+            a if a == b else f"{a}Or{b[:1].upper()}{b[1:]}" for a, b in zip(kept["names"], ours, strict=True)
+        ]
+        renamed = dict(zip(kept["names"], joined, strict=True)) | dict(zip(ours, joined, strict=True))
+        kept["names"], kept["item"] = joined, {**kept["item"], **item}
+        for operation in kept["item"].values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path":
+                    parameter["name"] = renamed.get(parameter["name"], parameter["name"])
+    return {shape.format(*(f"{{{n}}}" for n in v["names"])): v["item"] for shape, v in merged.items()}
 
 
 class _Open(BaseModel):

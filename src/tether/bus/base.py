@@ -57,3 +57,7 @@ class Bus(Protocol):
         """Readiness: this pod is receiving other pods' requests and the events it watches right now
         (not merely able to ping)."""
         ...
+
+    async def readiness(self) -> str | None:
+        """Why this pod cannot route right now (checked afresh, for /readyz), or None."""
+        ...

@@ -31,3 +31,6 @@ class MemoryBus(BoundBus):
     @property
     def healthy(self) -> bool:
         return True
+
+    async def readiness(self) -> str | None:
+        return None

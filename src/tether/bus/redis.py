@@ -28,12 +28,14 @@ from tether.metrics import BUS_LAG_BUCKETS, Histogram
 from tether.protocol.events import DeviceEvent
 from tether.redisconn.cancel import stop_tasks
 from tether.redisconn.connect import connect_lean
-from tether.redisconn.health import REDIS_ERRORS, RedisHealth
+from tether.redisconn.health import REDIS_ERRORS, RedisHealth, describe
 from tether.redisconn.keys import KEY_PREFIX
 from tether.redisconn.link import PodLink
 from tether.redisconn.streams import Fields, StreamReader
 
 log = logging.getLogger("tether.bus.redis")
+# How long /readyz waits for Redis to answer its PING before calling the pod not ready.
+READY_PING_SECONDS = 1.0
 
 
 class RedisBus(BoundBus):
@@ -105,6 +107,29 @@ class RedisBus(BoundBus):
     @property
     def healthy(self) -> bool:
         return not self._closed and self._inbox_reader.healthy and self._event_reader.healthy
+
+    async def readiness(self) -> str | None:
+        """Why this pod cannot route through Redis right now, or None: a reader not reading, a call
+        left unanswered (a partition raises no error), or no answer to a PING now. Asked afresh on
+        every /readyz, so it is never green on the strength of an answer from before an outage."""
+        if self._closed:
+            return "closed"
+        now = asyncio.get_running_loop().time()
+        for problem in (
+            self._inbox_reader.problem(now),
+            self._event_reader.problem(now),
+            self._writes.watch.problem(now),
+        ):
+            if problem is not None:
+                return problem
+        try:
+            async with asyncio.timeout(READY_PING_SECONDS):
+                await self._writes.call("PING")
+        except TimeoutError:
+            return f"no answer to PING within {READY_PING_SECONDS:.0f} s"
+        except REDIS_ERRORS as exc:
+            return describe(exc)
+        return None
 
     async def send_to_device(self, connection_id: str, owner_pod: str, text: str) -> bool:
         if owner_pod == self.pod_id:

@@ -16,9 +16,9 @@ from tether.protocol.presence import Liveness
 class LiveStateUnavailable(Exception):
     """The shared state cannot be read right now (Redis down); nothing was written to any device.
 
-    Reads (`lookup`, `live_pods`, `claim`, `runtime_location`) raise it; writes that only refresh
-    what this pod owns (`device_connected`, `device_disconnected`, `heartbeat`, `note_runtime`,
-    `release`) never raise: the implementation keeps them and re-asserts them when it can.
+    Reads (`lookup`, `live_pods`, `claim`, `claim_state`, `runtime_location`) raise it; writes that only
+    refresh what this pod owns (`device_connected`, `device_disconnected`, `heartbeat`, `note_runtime`,
+    `confirm`, `release`) never raise: the implementation keeps them and re-asserts them when it can.
     """
 
 
@@ -47,6 +47,15 @@ class LiveState(Protocol):
     async def live_pods(self) -> set[str]: ...
     async def claim(self, key: str) -> bool:
         """True for the first claimant of `key` within the dedupe window, across all pods."""
+        ...
+
+    async def confirm(self, key: str) -> None:
+        """The claimant delivered `key`: a repeat is a duplicate from now on (until then it waits)."""
+        ...
+
+    async def claim_state(self, key: str) -> bool | None:
+        """True: delivered; False: its claimant is still delivering; None: no claim (released or
+        expired: the caller may claim it)."""
         ...
 
     async def release(self, key: str) -> None: ...

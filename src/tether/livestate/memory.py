@@ -57,6 +57,12 @@ class MemoryLiveState:
     async def claim(self, key: str) -> bool:
         return self._claims.claim(key, now_ms())
 
+    async def confirm(self, key: str) -> None:
+        self._claims.confirm(key)
+
+    async def claim_state(self, key: str) -> bool | None:
+        return self._claims.state(key, now_ms())
+
     async def release(self, key: str) -> None:
         self._claims.release(key)
 

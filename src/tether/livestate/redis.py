@@ -42,6 +42,8 @@ LEASE_TTL_MARGIN_SECONDS = 60.0
 # `healthy` stays true while a Redis call succeeded this recently.
 HEALTHY_WITHIN_SECONDS = 3.0
 _LEASE_FIELDS = ["pod", "connected_at", "last_heartbeat"]
+# A claim's value once its message was delivered; before, the claiming pod's id.
+DELIVERED_MARK = "delivered"
 
 
 def _unavailable(exc: Exception) -> LiveStateUnavailable:
@@ -163,6 +165,17 @@ class RedisLiveState:
         with self.health.guard("claim", _unavailable):
             won = await self.redis.set(self.keys.claim(key), self.pod_id, nx=True, px=self.dedupe_ms)
         return bool(won)
+
+    async def confirm(self, key: str) -> None:
+        # KEEPTTL: the window still runs from the claim. On failure the claim stays pending, and a
+        # repeat waits for it in vain: it is answered as not delivered, never delivered twice.
+        with self.health.guard("confirm"):
+            await self.redis.set(self.keys.claim(key), DELIVERED_MARK, xx=True, keepttl=True)
+
+    async def claim_state(self, key: str) -> bool | None:
+        with self.health.guard("claim_state", _unavailable):
+            value = await self.redis.get(self.keys.claim(key))
+        return None if value is None else value == DELIVERED_MARK
 
     async def release(self, key: str) -> None:
         # On failure the claim simply expires with the dedupe window.

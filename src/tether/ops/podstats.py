@@ -93,9 +93,12 @@ class PodStats:
         now, offline_after_ms = now_ms(), int(self.settings.offline_after_seconds * 1000)
         for link in self.hub.links():
             if link.ready:
-                # Pings stopped: the next sweep drops the pair, which then reads away for the grace
-                # window. Away already, so that the state never reads offline, then away.
-                silent = is_silent(link.lease.last_heartbeat, now, offline_after_ms)
+                # Pings stopped: once the last one is OFFLINE_AFTER old the next sweep drops the pair,
+                # which then reads away for the grace window. Away already, so that the state never
+                # reads offline, then away. The hint counts only once live state stops saying online;
+                # from half the window on, so that a reader's clock (or this pod's last published
+                # stats, for other pods) a little later than this one still finds it.
+                silent = is_silent(link.lease.last_heartbeat, now, offline_after_ms // 2)
                 hint = AWAY if silent else None
             else:
                 hint = link_hint(False, bool(link.lease.sockets()))

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 
+from tether.bus.history import HistoryStore
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.hub import Hub, Watch
@@ -19,7 +20,7 @@ from tether.protocol import closes
 from tether.protocol.events import DeviceEvent, DeviceState
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync
-from tether.protocol.history import History
+from tether.protocol.history import plan_resume
 from tether.protocol.ratelimit import TokenBucket
 from tether.protocol.roles import may_act
 from tether.sockets import ClientSocket, Transport
@@ -30,8 +31,11 @@ log = logging.getLogger("tether.relays")
 
 
 class Relays:
-    def __init__(self, settings: Settings, hub: Hub, counters: Counters, tasks: TaskSet) -> None:
+    def __init__(
+        self, settings: Settings, hub: Hub, counters: Counters, tasks: TaskSet, history: HistoryStore
+    ) -> None:
         self.settings = settings
+        self.history = history
         self.hub = hub
         self.counters = counters
         self.tasks = tasks
@@ -71,6 +75,11 @@ class Relays:
                         encode({"type": "resync_required", "reason": "resume point is no longer in history"})
                     )
                 return RelaySession(self, watch, old, may_act(principal.role))
+        # A socket another pod served (it died, or the client came back through another one): what
+        # that pod wrote of its history, as a new socket here that goes on numbering after it.
+        record = await self.history.fetch(resume[0]) if resume is not None else None
+        if record is not None and (record.key_id, record.connection_id) != (principal.key_id, connection_id):
+            record = None  # another key's socket: as unknown
         settings = self.settings
         sock = ClientSocket(
             socket_id,
@@ -79,14 +88,21 @@ class Relays:
             principal.key_id,
             scope,
             channel,
-            History(settings.history_frames, settings.history_bytes),
+            self.history.history(socket_id, connection_id, principal.key_id),
             settings.client_queue_frames,
             settings.client_queue_bytes,
             self.counters.frame_latency,
         )
         sock.on_overflow = self._slow_client
+        if resume is not None and record is not None:
+            answer = plan_resume(record.frames, resume[1], record.last_seq, complete=False)
+            sock.seq = max(record.last_seq, resume[1])
+            for text in answer.replay:
+                sock.push(text)
+            self.counters.resume_history_gone += 1
+            sock.deliver(encode({"type": "resync_required", "reason": answer.resync_reason}))
         fresh_scope = watch.add(sock)
-        if resume is not None:
+        if resume is not None and record is None:
             self.counters.resume_misses += 1
             sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
         if fresh_scope and scope.agent_id is not None and not watch.device_away:
@@ -115,6 +131,7 @@ class Relays:
 
     async def _drop(self, sock: ClientSocket, code: int, reason: str) -> None:
         await sock.close(code, reason)
+        self.history.forget(sock.id)
         watch = self.hub.watch_of(sock.connection_id)
         if watch is not None:
             watch.remove(sock)
@@ -132,6 +149,7 @@ class Relays:
     async def _expire_detached(self, watch: Watch, sock: ClientSocket, detached_at: int) -> None:
         # Only if it is still the same detachment: a resumed-then-dropped socket has a later one.
         if watch.detached.get(sock.id) is sock and sock.detached_at == detached_at:
+            self.history.forget(sock.id)
             watch.remove(sock)
             await self.hub.release(watch)
 
@@ -202,5 +220,6 @@ class RelaySession:
             return
         sock.closed = True
         sock.stop_writer()
+        relays.history.forget(sock.id)
         watch.remove(sock)
         await relays.hub.release(watch)

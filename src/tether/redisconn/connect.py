@@ -38,5 +38,8 @@ def connect_lean(address: RedisAddress, *, waits_up_to: float = 0.0) -> RespConn
     """A lean connection; `waits_up_to` is the longest a command on it blocks in Redis by design
     (a blocking read's BLOCK), allowed on top of the command timeout before it counts as stalled."""
     return RespConnection(
-        address, connect_timeout=CONNECT_TIMEOUT_SECONDS, stall_timeout=waits_up_to + COMMAND_TIMEOUT_SECONDS
+        address,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        stall_timeout=waits_up_to + COMMAND_TIMEOUT_SECONDS,
+        waits_up_to=waits_up_to,
     )

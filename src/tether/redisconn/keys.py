@@ -15,6 +15,11 @@ owner that this pod now watches it:
     pod:{pod}:inbox        stream               requests to this pod and replies to its requests
     pod:{pod}:events       stream               events of the devices this pod watches
     conn:{id}:watchers     sorted set           pods watching a connection, scored by expiry
+
+Resume history (`tether.bus.history`), per relay socket, PX history_seconds:
+
+    relay:{socket}         hash                 connection, key id, last seq written
+    relay:{socket}:history stream, ids <seq>-1  the socket's frames, trimmed like its own history
 """
 
 from __future__ import annotations
@@ -57,3 +62,10 @@ class RedisKeys:
 
     def claim(self, key: str) -> str:
         return f"{self.prefix}claim:{key}"
+
+    # Per relay socket.
+    def relay(self, socket_id: str) -> str:
+        return f"{self.prefix}relay:{socket_id}"
+
+    def relay_history(self, socket_id: str) -> str:
+        return f"{self.prefix}relay:{socket_id}:history"

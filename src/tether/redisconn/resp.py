@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tether.protocol.readiness import CallWatch
 from tether.redisconn.address import RedisAddress
 
 # Calls waiting for their reply on one connection; beyond this a call fails at once (Redis is not
@@ -31,6 +32,11 @@ from tether.redisconn.address import RedisAddress
 MAX_PENDING = 10_000
 # How often a connection checks that Redis still answers what it was sent.
 STALL_CHECK_SECONDS = 1.0
+# A call unanswered this long past what it may take by design makes the connection report that Redis
+# is not answering (readiness), long before the stall timeout drops it.
+NOT_ANSWERING_SECONDS = 1.0
+# What a call raises when Redis itself is away (as opposed to an error reply from a Redis that is there).
+_AWAY = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class _Protocol(asyncio.Protocol):
@@ -97,24 +103,58 @@ class RespConnection:
     """One connection to the Redis at `address` (redis://, rediss:// or unix://), opened on first use.
 
     `stall_timeout` bounds how long calls in flight may go without any reply (a blocking read's
-    own wait included) before the connection is dropped and they fail."""
+    own wait included) before the connection is dropped and they fail. `waits_up_to`: how long a
+    call may block in Redis by design; `watch` tells from the calls in flight whether Redis answers
+    (readiness)."""
 
-    def __init__(self, address: RedisAddress, *, connect_timeout: float, stall_timeout: float) -> None:
+    def __init__(
+        self, address: RedisAddress, *, connect_timeout: float, stall_timeout: float, waits_up_to: float = 0.0
+    ) -> None:
         self._address = address
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self.watch = CallWatch(NOT_ANSWERING_SECONDS, waits_up_to)
 
     async def call(self, *args: str | int) -> Any:
         """Send one command and wait for its reply."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connect()
-        return await self._send(protocol, [args])[0]
+        token = self.watch.began(asyncio.get_running_loop().time())
+        try:
+            protocol = self._protocol
+            if protocol is None or protocol.lost is not None:
+                protocol = await self._connect()
+            reply = await self._send(protocol, [args])[0]
+        except _AWAY:
+            self.watch.failed(token)
+            raise
+        except RedisError:
+            self.watch.answered(token, asyncio.get_running_loop().time())
+            raise
+        except BaseException:
+            self.watch.abandoned(token)
+            raise
+        self.watch.answered(token, asyncio.get_running_loop().time())
+        return reply
 
     async def pipeline(self, commands: list[tuple[str | int, ...]]) -> list[Any]:
         """Send several commands in one write; their replies, in order (the first error raises)."""
+        token = self.watch.began(asyncio.get_running_loop().time())
+        try:
+            replies = await self._pipeline(commands)
+        except _AWAY:
+            self.watch.failed(token)
+            raise
+        except RedisError:
+            self.watch.answered(token, asyncio.get_running_loop().time())
+            raise
+        except BaseException:
+            self.watch.abandoned(token)
+            raise
+        self.watch.answered(token, asyncio.get_running_loop().time())
+        return replies
+
+    async def _pipeline(self, commands: list[tuple[str | int, ...]]) -> list[Any]:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()

@@ -83,6 +83,12 @@ class StreamReader:
         running = self.task is not None and not self.task.done()
         return running and self.health.fresh(READ_BLOCK_MS / 1000 + HEALTHY_GRACE_SECONDS)
 
+    def problem(self, now: float) -> str | None:
+        """Why this reader cannot be counted on right now (readiness), or None."""
+        if not self.healthy:
+            return f"not reading {self.name}"
+        return self._reads.watch.problem(now)
+
     def close(self) -> None:
         self._reads.close()
 
