@@ -51,6 +51,7 @@ MEASURE_SECONDS = 10.0
 WARMUP_SECONDS = 2.0
 SETTLE_SECONDS = 0.5  # polls, after the last frame is sent, for the ones in flight
 SETTLE_MAX_SECONDS = 20.0
+QUIET_MAX_SECONDS = 60.0
 BUCKET_US = 50  # latency histogram resolution
 BUCKETS = 40_000  # 2 s; later arrivals land in the last bucket
 FD_LIMIT = 20_000  # what a process may hold on this machine (RLIMIT_NOFILE's hard limit)
@@ -417,6 +418,16 @@ async def grow(side: Side, devices: AgentProcess, clients: AgentProcess, to: int
     side.sessions = to
 
 
+async def quiet(servers: list[Server]) -> None:
+    """Until no server is still working off an earlier step's backlog (each under 15 % for 0.5 s)."""
+    deadline = time.monotonic() + QUIET_MAX_SECONDS
+    while time.monotonic() < deadline:
+        before = [s.cpu_seconds() for s in servers]
+        await asyncio.sleep(0.5)
+        if all(s.cpu_seconds() - b < 0.075 for s, b in zip(servers, before, strict=True)):
+            return
+
+
 async def step(
     run: Run, side: Side, devices: AgentProcess, clients: AgentProcess, seconds: float
 ) -> dict[str, Any]:
@@ -497,9 +508,12 @@ async def measure(run: Run) -> None:
                     side.passed_at = side.passed_at or -1  # the process could not hold them
                     continue
                 await grow(side, devices, clients, n)
+                await quiet([s.server for s in sides])
                 result = await step(run, side, devices, clients, seconds)
                 if (result["p99_ms"] > P99_LIMIT_MS or result["dropped"]) and side.passed_at is None:
                     side.passed_at = n
+        if run.profile:
+            await _profile(run, sides[0], devices)
         _figures(run, sides, target)
         run.sections["fanout_problems"] = tether.problems()[:20]
     finally:
@@ -507,6 +521,28 @@ async def measure(run: Run) -> None:
         await devices.close(timeout=60)
         tether.kill()
         forwarder.kill()
+
+
+async def _profile(run: Run, side: Side, devices: AgentProcess) -> None:
+    """py-spy on the router while its sessions stream (after the measured steps: it pauses the process)."""
+    from bench.profile import record, summarise
+
+    recording = asyncio.create_task(record(side.server.pid, 5, run.workdir / "profile_fanout.txt"))
+    await asyncio.sleep(0.3)
+    await devices.call("fan_pace", server=side.name, seconds=6.0)
+    path = await recording
+    if path is None:
+        return
+    summary = summarise(path)
+    run.sections["profile_fanout"] = {
+        "sessions": side.sessions,
+        "samples": summary.samples,
+        "busy": summary.busy,
+        "inclusive": summary.inclusive,
+        "leaves": summary.leaves,
+    }
+    top = ", ".join(f"{name} {share:.0f}%" for name, share in summary.leaves[:6])
+    run.say(f"  profile at {side.sessions:,} sessions: top self time: {top}")
 
 
 def _held(side: Side) -> int | None:

@@ -231,9 +231,10 @@ def _report(run: Run, results: dict[tuple[str, str], list[dict[str, Any]]]) -> N
                 ratio=rate / ceiling,
                 note=(
                     f"median of {len(got)} alternating rounds of {got[0]['seconds']:.0f} s, "
-                    f"{IN_FLIGHT} in flight from one generator process; {'a new slot' if workload == 'new' else 'a known slot'} "
-                    f"each; p50 {statistics.median(r['p50_ms'] for r in got):.1f} ms, p99 "
-                    f"{statistics.median(r['p99_ms'] for r in got):.1f} ms; router CPU "
+                    f"{IN_FLIGHT} in flight from one generator process; "
+                    f"{'a new slot' if workload == 'new' else 'a known slot'} each; "
+                    f"p50 {statistics.median(r['p50_ms'] for r in got):.1f} ms, "
+                    f"p99 {statistics.median(r['p99_ms'] for r in got):.1f} ms; router CPU "
                     f"{statistics.median(r['router_cpu_percent'] for r in got):.0f}% of a core; "
                     f"{errors} errors. "
                     f"Baseline: the generator's ceiling, the forwarder answering register from memory"

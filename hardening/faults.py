@@ -134,6 +134,8 @@ class Sample:
     at: float
     ready: int  # /readyz status; 0: no answer
     routes: bool | None  # None: the probe could not tell (its device was offline)
+    local: bool | None = None  # the send to the probe device on this pod
+    cross: bool | None = None  # the send to the probe device on the next pod
 
 
 @dataclass
@@ -175,6 +177,7 @@ class Harness:
         self.phases: list[Phase] = []
         self.problems: list[str] = []
         self.lost_frames: list[str] = []  # examples of relay frames lost unannounced, for the report
+        self.dishonest: list[str] = []  # examples of /readyz 200 while not routing
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.pending: set[asyncio.Task[None]] = set()
@@ -360,8 +363,9 @@ class Harness:
     async def _round(self) -> None:
         """One instant's samples of every live pod: its /readyz, and whether it routed a send to the
         probe device on itself (database, Redis, its own socket) and to the one on the next pod (the
-        bus). A failed cross-pod send counts against this pod only when the next pod's own probe
-        succeeded in the same instant: a pod is not blamed for another's outage."""
+        bus). A failed cross-pod send counts against this pod only when the next pod, in the same
+        instant, said it was ready and routed its own probe: a pod is not blamed for another's outage
+        (which that pod's own samples judge)."""
         at = time.time()
         pods = [(n, s) for n, s in self.pods.items() if n in self.probe_of]
         if not pods:
@@ -392,16 +396,19 @@ class Harness:
             asyncio.gather(*(probe(n, s, self.probe_of[nexts[n]]) for n, s in pods)),
         )
         own = {n: local[i] for i, (n, _) in enumerate(pods)}
+        ready_of = {n: codes[i] for i, (n, _) in enumerate(pods)}
         changed = False
         for i, (name, _) in enumerate(pods):
             routes = local[i]
-            if routes is not False and cross[i] is False and own[nexts[name]] is True and len(pods) > 1:
+            following = nexts[name]
+            healthy_next = own[following] is True and ready_of[following] == 200
+            if routes is not False and cross[i] is False and healthy_next and len(pods) > 1:
                 routes = False
             elif routes is None and cross[i] is True:
                 routes = True
             if name not in self.pods:
                 continue
-            self.samples.append(Sample(name, at, codes[i], routes))
+            self.samples.append(Sample(name, at, codes[i], routes, local[i], cross[i]))
             if self.ready.get(name) != (codes[i] == 200):
                 self.ready[name] = codes[i] == 200
                 changed = True
@@ -560,6 +567,13 @@ class Harness:
             c["samples"] += 1
             if sample.ready == 200 and sample.routes is False:
                 c["dishonest"] += 1
+                if len(self.dishonest) < 20:
+                    phase = next((p for p in self.phases if p.name == self.phase_of(sample.at)), None)
+                    since = sample.at - phase.start if phase is not None else 0.0
+                    self.dishonest.append(
+                        f"{sample.pod} at +{since:.1f} s of {phase.name if phase else 'steady'}: "
+                        f"own probe {sample.local}, next pod's {sample.cross}"
+                    )
             if sample.ready != 200 and sample.routes is True:
                 c["ready_503_but_routing"] += 1
 
@@ -589,6 +603,9 @@ class Harness:
         row.detail["device_stats"] = data["stats"]
         row.detail["duplicate_deliveries"] = duplicates
         row.detail["relay_lost_examples"] = self.lost_frames
+        row.detail["dishonest_examples"] = self.dishonest
+        for example in self.dishonest[:10]:
+            self.run.say(f"  /readyz 200 while not routing: {example}")
         for example in self.lost_frames[:10]:
             self.run.say(f"  relay frame lost unannounced: {example}")
         for line in lines:

@@ -519,7 +519,9 @@ async def measure(run: Run) -> None:
     row.note = (
         "Outcomes: an HTTP status; for a device socket `ready` (listener_ready) or the close code; for a "
         "relay socket `open`, `read-only` (upgraded, commands answered `forbidden`) or `refused` and the "
-        "upgrade's status. `malformed` sends alpha's valid key under the `Token` scheme."
+        "upgrade's status. `malformed` sends alpha's valid key under the `Token` scheme. Gateway "
+        "mode's forwarded agent API is no route of the app (api/fastpath.py hands it to the upstream "
+        "after the same require_principal) and is not in this matrix."
     )
     row.detail["markdown"] = matrix.markdown()
     row.seconds = time.monotonic() - started

@@ -7,28 +7,35 @@ violations and ping floods. Judged: the pod stays up, the bystander gets every f
 stays within its bound, and each bad socket ends as documented (README "Bounds", RFC 6455 §7.4.1):
 input that is not a frame we know is dropped (device) or answered with a `malformed_frame` error
 (relay) and the socket lives on; a message over `TETHER_MAX_FRAME_BYTES` is closed with 1009; invalid
-UTF-8 in a text message with 1007; a framing violation with 1002.
+UTF-8 in a text message with 1007; a framing violation with 1002 (closes.py). A flood of WebSocket
+pings that the peer never reads stalls the peer's input (TCP pushes back) instead of growing the pod.
+Before the sockets, the hypothesis properties of tests/protocol/test_frame_fuzz.py (the frame decoder,
+the socket edges' query parsing, the relay path fed any frames) run with many more examples.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlencode
 
 import httpx
 import orjson
-from bench.servers import rss_kib
+from bench.servers import PYTHON, REPO, rss_kib
 from websockets.asyncio.client import connect
 
 from hardening import wire
-from hardening.cluster import Server, pod, reference_device
+from hardening.cluster import pod, reference_device
 from hardening.core import Row, Run
+from tether.protocol import closes
 
 MAX_FRAME_BYTES = 1024 * 1024  # the pod's TETHER_MAX_FRAME_BYTES here: oversized input stays cheap
 RSS_GROWTH_BOUND_KIB = 96 * 1024
@@ -38,6 +45,7 @@ BURST = 200
 PING = b'{"type":"ping"}'
 PUSHBACK_SECONDS = 5.0  # input still going out after this long: the router is pushing back
 OPEN = 0  # expected outcome: the socket stays open and still answers a ping
+SLOW = closes.SLOW_CONSUMER  # what a relay flood may end in instead: its unread answers overflowed
 
 
 @dataclass
@@ -86,7 +94,7 @@ def _mutations(rng: random.Random, n: int) -> list[bytes]:
     return [d for d in out if d.isascii()][:n]
 
 
-def _cases(rng: random.Random, scale: float) -> list[Case]:
+def cases(rng: random.Random, scale: float) -> list[Case]:
     n_json = max(40, int(300 * scale))
     n_binary = max(20, int(100 * scale))
     flood = max(1000, int(20000 * scale))
@@ -98,6 +106,7 @@ def _cases(rng: random.Random, scale: float) -> list[Case]:
     mutations = _mutations(rng, n_json)
     binaries = [rng.randbytes(rng.randint(1, 2048)) for _ in range(n_binary)]
     t, c = wire.TEXT, wire.CONTINUATION
+    too_big, bad_utf8, violation = closes.MESSAGE_TOO_BIG, closes.INVALID_UTF8, closes.PROTOCOL_ERROR
 
     def fragmented(data: bytes, size: int, opcode: int = t) -> list[bytes]:
         pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
@@ -115,25 +124,27 @@ def _cases(rng: random.Random, scale: float) -> list[Case]:
         Case("interleaved control frame inside a fragmented message", "fragmented",
              lambda: [wire.frame(t, PING[:5], fin=False), wire.frame(wire.PING, b"p"),
                       wire.frame(c, PING[5:])], OPEN),
-        Case("message of MAX_FRAME_BYTES + 20", "oversized", lambda: [wire.frame(t, big)], 1009),
-        Case("binary message over the limit", "oversized", lambda: [wire.frame(wire.BINARY, big)], 1009),
-        Case("fragments adding up over the limit", "oversized", lambda: fragmented(big, 64 * 1024), 1009),
+        Case("message of MAX_FRAME_BYTES + 20", "oversized", lambda: [wire.frame(t, big)], too_big),
+        Case("binary message over the limit", "oversized", lambda: [wire.frame(wire.BINARY, big)], too_big),
+        Case("fragments adding up over the limit", "oversized", lambda: fragmented(big, 64 * 1024), too_big),
         Case("invalid UTF-8 in a text frame", "invalid UTF-8",
-             lambda: [wire.frame(t, b'{"type":"\xff\xfe"}')], 1007),
+             lambda: [wire.frame(t, b'{"type":"\xff\xfe"}')], bad_utf8),
         Case("overlong UTF-8 encoding", "invalid UTF-8",
-             lambda: [wire.frame(t, b'{"type":"\xc0\xaf"}')], 1007),
+             lambda: [wire.frame(t, b'{"type":"\xc0\xaf"}')], bad_utf8),
         Case("UTF-16 surrogate encoded in UTF-8", "invalid UTF-8",
-             lambda: [wire.frame(t, b'{"type":"\xed\xa0\x80"}')], 1007),
+             lambda: [wire.frame(t, b'{"type":"\xed\xa0\x80"}')], bad_utf8),
         Case("invalid UTF-8 split across fragments", "invalid UTF-8",
-             lambda: [wire.frame(t, b'{"type":"\xe2\x82', fin=False), wire.frame(c, b'\x28"}')], 1007),
-        Case("continuation with no message started", "framing", lambda: [wire.frame(c, PING)], 1002),
+             lambda: [wire.frame(t, b'{"type":"\xe2\x82', fin=False), wire.frame(c, b'\x28"}')], bad_utf8),
+        Case("continuation with no message started", "framing", lambda: [wire.frame(c, PING)], violation),
         Case("new message while one is fragmented", "framing",
-             lambda: [wire.frame(t, PING[:4], fin=False), wire.frame(t, PING)], 1002),
-        Case("control frame over 125 bytes", "framing", lambda: [wire.frame(wire.PING, b"p" * 126)], 1002),
-        Case("fragmented control frame", "framing", lambda: [wire.frame(wire.PING, b"p", fin=False)], 1002),
-        Case("reserved opcode 0x3", "framing", lambda: [wire.frame(0x3, b"x")], 1002),
-        Case("reserved bits set", "framing", lambda: [wire.frame(t, PING, rsv=0b100)], 1002),
-        Case("unmasked client frame", "framing", lambda: [wire.frame(t, PING, masked=False)], 1002),
+             lambda: [wire.frame(t, PING[:4], fin=False), wire.frame(t, PING)], violation),
+        Case("control frame over 125 bytes", "framing", lambda: [wire.frame(wire.PING, b"p" * 126)],
+             violation),
+        Case("fragmented control frame", "framing", lambda: [wire.frame(wire.PING, b"p", fin=False)],
+             violation),
+        Case("reserved opcode 0x3", "framing", lambda: [wire.frame(0x3, b"x")], violation),
+        Case("reserved bits set", "framing", lambda: [wire.frame(t, PING, rsv=0b100)], violation),
+        Case("unmasked client frame", "framing", lambda: [wire.frame(t, PING, masked=False)], violation),
         Case(f"{flood} WebSocket pings, nothing read", "control-frame flood",
              lambda: [wire.frame(wire.PING, b"flood%03d" % (i % 1000)) for i in range(flood)], OPEN, flood),
         Case(f"{flood} application pings, nothing read", "control-frame flood",
@@ -194,7 +205,18 @@ class Bystander:
                 self.bursts += 1
 
 
-async def _attacker_lease(server: Server, n: int) -> str:
+class Target(Protocol):
+    """The pod under attack: a bench `Server` or a test's `Router`."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def ws_base(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+
+
+async def _attacker_lease(server: Target, n: int) -> str:
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {server.key}"}) as http:
         r = await http.post(
             f"{server.base_url}/v1/environments/register",
@@ -217,10 +239,12 @@ async def _discard(sock: wire.RawSocket) -> None:
             pass
 
 
-async def _attack(
-    server: Server, target: str, connection_id: str, n: int, case: Case, rss_samples: list[int]
-) -> str | None:
-    """Run one case on a fresh socket; None when it ended as documented, else what happened."""
+async def attack(
+    server: Target, pid: int, target: str, connection_id: str, n: int, case: Case, rss_samples: list[int]
+) -> tuple[str | None, str]:
+    """Run one case on a fresh socket of `target` ("device" or "relay"): (None when it ended as
+    documented, else what went wrong; how it ended). The pod's RSS (`pid`) is sampled while input
+    stalls."""
     if target == "device":
         lease = await _attacker_lease(server, n)
         url = f"{server.ws_base}/v1/environments/ws/{lease}"
@@ -228,7 +252,7 @@ async def _attack(
         url = f"{server.ws_base}/v1/environments/{connection_id}/status/ws?{urlencode(ATTACK_SCOPE)}"
     sock = await wire.RawSocket.open(url, {"Authorization": f"Bearer {server.key}"})
     if sock.status != 101:
-        return f"upgrade answered {sock.status}"
+        return f"upgrade answered {sock.status}", "refused"
     try:
         reader: asyncio.Task[int | None] | None = None
         if case.expect != OPEN:
@@ -238,11 +262,13 @@ async def _attack(
         if reader is not None:
             code = await reader
             sending.cancel()
-            return None if code == case.expect else f"closed with {code}, expected {case.expect}"
+            if code != case.expect:
+                return f"closed with {code}, expected {case.expect}", f"closed {code}"
+            return None, f"closed {code}"
         if not (await asyncio.wait({sending}, timeout=PUSHBACK_SECONDS))[0]:
             # The input is still going out: the router stopped reading this socket (or is slow to).
             # Sample its RSS now, then read (and drop) its answers so that the rest can go out.
-            rss_samples.append(rss_kib(server.pid))
+            rss_samples.append(rss_kib(pid))
             draining = asyncio.create_task(_discard(sock))
             await sending
             draining.cancel()
@@ -252,29 +278,54 @@ async def _attack(
         await sock.send(wire.frame(wire.TEXT, PING))
         answered = case.kind != "malformed JSON" or target != "relay"
         if not answered and not await sock.until(b"malformed_frame", 30):
-            return "no malformed_frame error answered"
+            return "no malformed_frame error answered", "open"
         if not await sock.until(b'"pong"', 60):
-            return "no pong after the input: the socket did not stay usable"
+            if target == "relay" and case.kind == "control-frame flood" and sock.closed_with == SLOW:
+                # Also as documented: the client read none of the answers, its queue overflowed.
+                return None, f"closed {SLOW} (its unread answers overflowed)"
+            return "no pong after the input: the socket did not stay usable", f"closed {sock.closed_with}"
         await sock.send(wire.frame(wire.CLOSE, (1000).to_bytes(2, "big")))
-        return None
+        return None, "usable"
     finally:
         sock.abort()
 
 
+async def _properties(run: Run, examples: int) -> tuple[int, int, str]:
+    """tests/protocol/test_frame_fuzz.py's properties with `examples` each: (examples passed, pytest's
+    exit code, its last lines)."""
+    env = {**os.environ, "FRAME_FUZZ_EXAMPLES": str(examples)}
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--hypothesis-show-statistics",
+        str(REPO / "tests" / "protocol" / "test_frame_fuzz.py"),
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    (run.workdir / "frame_fuzz_properties.log").write_text(text)
+    passed = sum(int(n) for n in re.findall(r"(\d+) passing\b", text))
+    return passed, proc.returncode or 0, "\n".join(text.strip().splitlines()[-3:])
+
+
 async def measure(run: Run) -> None:
     rng = random.Random(16)
-    cases = _cases(rng, run.scale)
+    examples = run.scaled(3000, 200)
+    run.say(f"  frame decoders and socket-edge parsers: hypothesis properties, {examples} examples each")
+    passed, code, tail = await _properties(run, examples)
+    all_cases = cases(rng, run.scale)
     row = Row(
         "socket_fuzz",
         "Frame fuzzing at the device and relay sockets",
         load=f"a reference device streaming {BURST}-frame bursts to a relay client on the same pod",
-        faults=f"{len(cases)} kinds of bad input on fresh device and relay sockets (one socket per case "
+        faults=f"{len(all_cases)} kinds of bad input on fresh device and relay sockets (one socket per case "
         f"and kind); TETHER_MAX_FRAME_BYTES={MAX_FRAME_BYTES}",
         bound="pod up; bystander: every frame, in order (seq +1, burst complete); RSS growth ≤ "
         f"{RSS_GROWTH_BOUND_KIB // 1024} MiB; each bad socket: dropped/answered and usable, or closed "
-        "with 1009 / 1007 / 1002 as documented",
+        "with 1009 / 1007 / 1002 as documented (a relay socket flooded with pings it never reads: or 4008)",
     )
     started = time.monotonic()
+    row.inputs["property examples (tests/protocol/test_frame_fuzz.py)"] = passed
+    if code != 0:
+        row.fail(f"property fuzzing failed (pytest exit {code}): {tail}")
     async with pod(run.workdir, "fuzz-pod", settings={"max_frame_bytes": str(MAX_FRAME_BYTES)}) as server:
         device, connection_id = await reference_device(run.workdir, server, server.key, "bystander")
         try:
@@ -291,15 +342,13 @@ async def measure(run: Run) -> None:
             outcomes: dict[str, str] = {}
             n = 0
             for target in ("device", "relay"):
-                for case in cases:
+                for case in all_cases:
                     n += 1
                     samples: list[int] = []
-                    problem = await _attack(server, target, connection_id, n, case, samples)
+                    problem, ended = await attack(server, server.pid, target, connection_id, n, case, samples)
                     rss_peak = max(rss_peak, rss_kib(server.pid), *samples)
                     label = f"{target}: {case.name}"
-                    outcomes[label] = problem or (
-                        "usable" if case.expect == OPEN else f"closed {case.expect}"
-                    )
+                    outcomes[label] = problem or ended
                     row.inputs[case.kind] = row.inputs.get(case.kind, 0) + case.inputs
                     if problem:
                         row.fail(f"{label}: {problem}")
@@ -340,7 +389,8 @@ async def measure(run: Run) -> None:
             }
             row.note = (
                 f"{n} bad sockets; pod RSS {rss_start // 1024} MiB at start, peak {rss_peak // 1024} MiB, "
-                f"end {rss_end // 1024} MiB"
+                f"end {rss_end // 1024} MiB; {passed:,} property examples over the frame decoders and "
+                "socket-edge parsers passed"
             )
         finally:
             device.stop()

@@ -70,6 +70,7 @@ class RawSocket:
         self._buffer = bytearray(buffered)  # received but not yet parsed
         self._reading: asyncio.Task[bytes] | None = None  # the read in flight, if any
         self.header = b""  # the upgrade response's status line and headers
+        self.closed_with: int | None = None  # the code of a close frame `until` ran into
 
     @classmethod
     async def open(cls, url: str, headers: dict[str, str], *, rcvbuf: int | None = None) -> RawSocket:
@@ -181,7 +182,10 @@ class RawSocket:
                 got = await self.receive(left)
             except TimeoutError:
                 return False
-            if got is None or got.opcode == CLOSE:
+            if got is None:
+                return False
+            if got.opcode == CLOSE:
+                self.closed_with = close_code_of(got.payload)
                 return False
             if got.opcode == TEXT and wanted in got.payload:
                 return True

@@ -142,8 +142,10 @@ class ClientSocket:
         self._queue.append(text)
         self._queued_bytes += len(text)
         if len(self._queue) > self.max_frames or self._queued_bytes > self.max_bytes:
-            if self.on_overflow is not None:
-                self.on_overflow(self)
+            # Once: the close runs as a task, and every frame relayed before it would report again.
+            overflow, self.on_overflow = self.on_overflow, None
+            if overflow is not None:
+                overflow(self)
             return
         self._schedule()
 

@@ -58,8 +58,15 @@ _SCHEME = HTTPBearer(auto_error=False, description="A Tether API key (`tether ke
 async def _caller(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_SCHEME)]
 ) -> Principal:
-    return await require_principal(request)
+    principal = await require_principal(request)
+    # After the key, like every other validation error. The routes read one value per parameter;
+    # taking the last one silently would accept what the schema calls invalid (a list for a number).
+    query = request.query_params
+    if len(query) != len(query.multi_items()):
+        repeated = sorted({k for k, _ in query.multi_items() if len(query.getlist(k)) > 1})
+        raise ApiError(400, "REPEATED_PARAMETER", f"give each query parameter once: {', '.join(repeated)}")
+    return principal
 
 
-# The principal of a REST route behind an API key.
+# The principal of a REST route behind an API key, its query parameters each given once.
 Caller = Annotated[Principal, Depends(_caller)]

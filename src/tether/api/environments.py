@@ -39,7 +39,7 @@ _NOT_FOUND = error_responses(404)
 
 
 def _parse_limit(text: str | None) -> int:
-    if text is None or text == "":
+    if text is None:
         return DEFAULT_LIMIT
     try:
         value = int(text)
@@ -51,7 +51,7 @@ def _parse_limit(text: str | None) -> int:
 
 
 def _parse_bool(name: str, text: str | None) -> bool:
-    if text is None or text == "":
+    if text is None:
         return False
     value = text.strip().lower()
     if value in ("true", "1"):
@@ -143,7 +143,7 @@ async def list_environments(
     """
     page_size = _parse_limit(limit)
     online_only = _parse_bool("onlineOnly", onlineOnly)
-    if source not in (None, "", "remote", "local"):
+    if source not in (None, "remote", "local"):
         raise ApiError(400, "INVALID_SOURCE", "source must be remote or local")
     if source == "local":
         # Every environment Tether knows is relay-backed; local (desktop) ones never reach it.

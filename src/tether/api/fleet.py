@@ -30,8 +30,7 @@ MAX_QUERY_CHARS = 200
 _NOT_FOUND = error_responses(404)
 _CONNECTED = error_responses(404, 409)  # acts on the device: it must hold a socket
 _STATE = "|".join(STATES)
-# Empty, like every parameter here, means "not given" (no filter).
-_STATES_PATTERN = f"^(({_STATE})(,({_STATE}))*)?$"
+_STATES_PATTERN = f"^({_STATE})(,({_STATE}))*$"
 _MODE_BODY = {
     "required": True,
     "content": {
@@ -55,7 +54,7 @@ def _count(low: int, high: int = MAX_COUNT) -> Any:
 
 
 def _int(name: str, text: str | None, default: int, low: int, high: int = MAX_COUNT) -> int:
-    if text is None or text == "":
+    if text is None:
         return default
     try:
         value = int(text)
@@ -130,15 +129,15 @@ async def list_environments(
     userId: Annotated[str | None, Query()] = None,
 ) -> Json:
     """One page of the organization's environments with their live state and the counts by state."""
-    sort_by = sort or "firstSeenAt"
+    sort_by = "firstSeenAt" if sort is None else sort
     if sort_by not in SORTS:
         raise ApiError(400, "INVALID_SORT", f"sort must be one of {', '.join(SORTS)}")
-    if order not in (None, "", "asc", "desc"):
+    if order not in (None, "asc", "desc"):
         raise ApiError(400, "INVALID_ORDER", "order must be asc or desc")
     if q is not None and len(q) > MAX_QUERY_CHARS:
         raise ApiError(400, "INVALID_QUERY", f"q must be at most {MAX_QUERY_CHARS} characters")
     try:
-        if not re.fullmatch(_STATES_PATTERN, state or ""):
+        if state is not None and not re.fullmatch(_STATES_PATTERN, state):
             raise ValueError(f"state must be a comma-separated list of {', '.join(STATES)}")
         states = parse_states(state)
     except ValueError as exc:
@@ -174,7 +173,7 @@ async def trace(
     contents: Annotated[str | None, Query(json_schema_extra=documented({"enum": ["true", "false"]}))] = None,
 ) -> Json:
     """The frames through this environment since `after`; each poll keeps tracing armed for 30 s."""
-    if contents not in (None, "", "true", "false"):
+    if contents not in (None, "true", "false"):
         raise ApiError(400, "INVALID_CONTENTS", "contents must be true or false")
     seq = _int("after", after, 0, 0)
     fleet = node_of(request).fleet

@@ -22,6 +22,17 @@ OPERATOR_DISCONNECT = 4005  # POST /v1/tether/environments/{id}/disconnect: tran
 READY_TIMEOUT = 4006  # a control socket whose pair was not complete within TETHER_READY_TIMEOUT_SECONDS
 BAD_HELLO = 4400  # invalid channel / connectionGeneration / connectionAttempt query
 
+# ---- either socket: input that is not a WebSocket message we take (RFC 6455 §7.4.1) ---------
+# Sent by the WebSocket layer (websockets, under uvicorn), not by the router's code. Input that is a
+# message but not a frame we know (not JSON, not an object with a string `type`, a binary message that
+# is not one) is no protocol error: a device socket drops it, a relay socket answers a
+# `malformed_frame` error, and the socket lives on. Binary messages are read like text (devices do
+# the same, device-protocol §3.1), so 1003 (unsupported data) is never sent.
+PROTOCOL_ERROR = 1002  # a framing violation: reserved bits or opcodes, an unmasked client frame, a bad
+#                        continuation, a control frame over 125 bytes or fragmented
+INVALID_UTF8 = 1007  # a text message that is not UTF-8
+MESSAGE_TOO_BIG = 1009  # a message over TETHER_MAX_FRAME_BYTES (its fragments counted together)
+
 # ---- relay (client) sockets ----------------------------------------------------------------
 DEVICE_OFFLINE = 1001  # the environment was declared offline: final
 SLOW_CONSUMER = 4008  # the client did not read fast enough; it may resume

@@ -38,6 +38,11 @@ class GroupCommit(Generic[T, R]):
         self.batches = 0
         self.largest = 0
 
+    @property
+    def pending(self) -> int:
+        """Items waiting for a batch (at most max_pending)."""
+        return self._queue.qsize()
+
     async def submit(self, item: T) -> R:
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, done))

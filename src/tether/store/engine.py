@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -48,8 +49,14 @@ def _check_not_newer(connection: Connection) -> None:
         )
 
 
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def make_engine(url: str) -> AsyncEngine:
-    kwargs: dict[str, Any] = {}
+    # orjson for the JSON columns (metadata): several times faster than the json module both ways,
+    # and a list page decodes a hundred of them.
+    kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30}
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from tether.store.base import (
     UnknownCursor,
 )
 from tether.store.batching import GroupCommit
-from tether.store.rows import environment_row, new_id, storable
+from tether.store.rows import environment_row, environment_rows, new_id, storable
 from tether.store.tables import environments
 
 # Status-derived metadata keys survive a re-registration (the device re-sends them soon after).
@@ -67,6 +68,30 @@ def _kept_metadata(reg: Registration, old: dict[str, Any] | None) -> dict[str, A
         if key not in metadata and value is not None:
             metadata[key] = value
     return metadata
+
+
+@functools.cache
+def _list_statement(after: bool, user: bool, connected: bool) -> sa.Select[Any]:
+    """One page of the list, in (first_seen_at, id) order, as one statement per filter combination
+    (built once: composing it per request cost more than running it). Each combination has an
+    index that matches its WHERE and ORDER BY (migration 0004), so the database seeks instead of
+    walking the organization's rows."""
+    conds: list[sa.ColumnElement[bool]] = [_t.c.org_id == sa.bindparam("org")]
+    if user:
+        conds.append(_t.c.user_id == sa.bindparam("user"))
+    if connected:
+        conds.append(_t.c.pod_id.is_not(None))
+    if after:
+        # The cursor row's keys in a subquery (one round trip); a row-value comparison, so both SQLite
+        # and PostgreSQL seek the index instead of scanning (an OR of the two cases defeats it).
+        last = _t.alias("after_row")
+        keys = (
+            sa.select(last.c.first_seen_at, last.c.id)
+            .where(last.c.id == sa.bindparam("after"), last.c.org_id == sa.bindparam("org"))
+            .scalar_subquery()
+        )
+        conds.append(sa.tuple_(_t.c.first_seen_at, _t.c.id) > keys)
+    return sa.select(_t).where(*conds).order_by(_t.c.first_seen_at, _t.c.id).limit(sa.bindparam("limit"))
 
 
 class EnvironmentsSql:
@@ -216,36 +241,21 @@ class EnvironmentsSql:
         return results
 
     async def list_environments(self, query: ListQuery) -> list[EnvironmentRow]:
-        t = environments
         if query.after is not None and not storable(query.after):
             raise UnknownCursor(query.after)
         if query.user_id is not None and not storable(query.user_id):
             return []
-        conds: list[sa.ColumnElement[bool]] = [t.c.org_id == query.org_id]
-        if query.user_id is not None:
-            conds.append(t.c.user_id == query.user_id)
-        if query.only_connected:
-            conds.append(t.c.pod_id.is_not(None))
+        params: dict[str, Any] = {"org": query.org_id, "user": query.user_id, "after": query.after}
+        params["limit"] = query.limit
+        stmt = _list_statement(query.after is not None, query.user_id is not None, query.only_connected)
         async with self.engine.connect() as conn:
-            if query.after is not None:
-                cursor = (
-                    await conn.execute(
-                        sa.select(t.c.first_seen_at, t.c.id).where(
-                            t.c.id == query.after, t.c.org_id == query.org_id
-                        )
-                    )
-                ).first()
-                if cursor is None:
+            rows = (await conn.execute(stmt, params)).all()
+            if not rows and query.after is not None:
+                # An empty page after a cursor: the end of the list, or a cursor this org cannot see.
+                known = sa.select(_t.c.id).where(_t.c.id == query.after, _t.c.org_id == query.org_id)
+                if (await conn.execute(known)).first() is None:
                     raise UnknownCursor(query.after)
-                # A row-value comparison, so both SQLite and PostgreSQL seek the (org, order) index
-                # instead of scanning: an OR of the two cases defeats the index.
-                conds.append(
-                    sa.tuple_(t.c.first_seen_at, t.c.id)
-                    > sa.tuple_(sa.literal(cursor.first_seen_at), sa.literal(cursor.id))
-                )
-            q = sa.select(t).where(*conds).order_by(t.c.first_seen_at, t.c.id).limit(query.limit)
-            rows = (await conn.execute(q)).mappings().all()
-        return [environment_row(r) for r in rows]
+        return environment_rows(rows)
 
     async def get_by_device(self, org_id: str, device_id: str) -> list[EnvironmentRow]:
         if not storable(device_id):

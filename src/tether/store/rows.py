@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 
 from tether.store.base import EnvironmentRow, TeleportRow
-from tether.store.tables import teleports
+from tether.store.tables import environments, teleports
+
+# `select(environments)` yields the columns in EnvironmentRow's field order: rows convert by position
+# (the list endpoint converts hundreds per call). Checked here, so a new column cannot shift them.
+if [c.name for c in environments.columns] != [f.name for f in dataclasses.fields(EnvironmentRow)]:
+    raise RuntimeError("environments columns and EnvironmentRow fields differ in name or order")
 
 
 def storable(text: str) -> bool:
@@ -41,6 +49,18 @@ def environment_row(m: sa.RowMapping) -> EnvironmentRow:
         pod_id=m["pod_id"],
         last_heartbeat=m["last_heartbeat"],
     )
+
+
+def environment_rows(rows: Iterable[sa.Row[Any]]) -> list[EnvironmentRow]:
+    """Whole `environments` rows, as `select(environments)` returns them, converted by position."""
+    out = []
+    for r in rows:
+        values: tuple[Any, ...] = tuple(r)
+        row = EnvironmentRow(*values)
+        row.listener_instance_id = row.listener_instance_id or None
+        row.metadata = row.metadata or {}  # a fresh dict per row already (decoded just now)
+        out.append(row)
+    return out
 
 
 def teleport_row(m: sa.RowMapping) -> TeleportRow:
