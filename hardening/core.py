@@ -24,6 +24,8 @@ class Row:
     note: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    group: str = ""  # the ROWS entry that measured it: a later full-size run of that entry replaces it
+    measured_at: str = ""  # when it was measured: one report may hold rows of several runs
 
     def fail(self, why: str) -> None:
         self.failures.append(why)

@@ -1,7 +1,9 @@
 """`python -m hardening`: run every row, print progress, write RELIABILITY.md and hardening/results.json.
 
-Rows plug in through ROWS (name -> coroutine taking the Run). A partial run (`--only`, `--scale`)
-writes its report into its work directory instead, so RELIABILITY.md always shows a full run.
+Rows plug in through ROWS (name -> coroutine taking the Run). A full-size run of some entries
+(`--only`) replaces those entries' rows in hardening/results.json and RELIABILITY.md, leaving the others
+as last measured (each row says when); a scaled run (`--scale` below 1) writes its report into its work
+directory instead, so RELIABILITY.md only ever shows full-size figures.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(run: Run, names: list[str]) -> None:
     for name in names:
         started = time.monotonic()
+        first = len(run.rows)
         run.say(f"{name}: starting")
         try:
             await ROWS[name](run)
@@ -69,6 +72,9 @@ async def _run(run: Run, names: list[str]) -> None:
             row.fail(f"harness failure: {exc!r}"[:400])
             row.passed = False
             run.add(row)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        for row in run.rows[first:]:
+            row.group, row.measured_at = name, stamp
         run.say(f"{name}: done in {time.monotonic() - started:.0f} s")
 
 
@@ -81,7 +87,7 @@ def main() -> int:
     unknown = set(names) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (known: {', '.join(ROWS)})")
-    partial = bool(args.only) or args.scale != 1.0
+    partial = args.scale != 1.0
     workdir = Path(tempfile.mkdtemp(prefix="tether-hardening-"))
     run = Run(workdir, scale=args.scale)
     started_at = dt.datetime.now(dt.UTC)
@@ -92,7 +98,8 @@ def main() -> int:
         seconds = time.monotonic() - run.started
         markdown = workdir / "RELIABILITY.md" if partial else REPO / "RELIABILITY.md"
         results = workdir / "results.json" if partial else REPO / "hardening" / "results.json"
-        report.write(run, started_at, seconds, markdown, results)
+        kept = [] if partial else report.kept_rows(results, set(names), list(ROWS))
+        report.write(run, kept, started_at, seconds, markdown, results, order=list(ROWS))
         print("\n".join(report.table(run.rows)))
         run.say(f"wrote {markdown} and {results} in {seconds / 60:.1f} min")
         if not args.keep and not partial:
