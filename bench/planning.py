@@ -9,6 +9,7 @@ database writes were read at 9,000 devices per pod; past a pod's limits the flee
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from bench.core import Figure, Run
@@ -150,14 +151,19 @@ def _first_to_saturate(s: dict[str, Any]) -> str:
         "not scale out: " + "; ".join(limits) + f"; PostgreSQL at {s['pg_rows_per_second']:,.0f} row "
         f"writes/s and {s['pg_cpu_percent'] / 100:.2f} cores of backend CPU."
     )
-    if s["redis_saturates_at"] is not None:
+    cores = os.cpu_count() or 1
+    fills = {"Redis (one thread)": s["redis_saturates_at"]}
+    if s["pg_cpu_percent"] > 0:
+        fills[f"PostgreSQL (its backends on {cores} cores, as on the measuring machine)"] = (
+            s["fleet"] * cores * 100 / s["pg_cpu_percent"]
+        )
+    known = {k: v for k, v in fills.items() if v is not None}
+    if known:
+        name = min(known, key=lambda k: known[k])
         text += (
-            f" At the measured rate Redis's thread is full at {s['redis_saturates_at']:,.0f} idle devices"
-            + (
-                ", below a million: Redis saturates first, and a million needs it sharded"
-                if s["redis_saturates_at"] < s["fleet"]
-                else ", above a million"
-            )
-            + "."
+            " Idle fleet size at which each fills: "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in known.items())
+            + f". First: {name}"
+            + (", below a million." if known[name] < s["fleet"] else ", above a million.")
         )
     return text

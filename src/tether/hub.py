@@ -19,7 +19,7 @@ from tether.bus.base import Bus
 from tether.clock import now_ms
 from tether.livestate.base import LiveState
 from tether.protocol import closes
-from tether.protocol.events import DeviceEvent, DeviceState
+from tether.protocol.events import DeviceEvent, DeviceState, Position
 from tether.protocol.fanout import Fanout
 from tether.protocol.frames import Frame
 from tether.protocol.lease import Lease
@@ -90,6 +90,8 @@ class Watch:
     _owner: str | None = None  # the pod last found holding the device, trusted until _owner_until
     _owner_until: int = 0
     trace: Trace | None = None  # the device's armed trace, when it is held on this pod
+    held: list[DeviceEvent] | None = None  # frames kept while a resume catches up (bounded by it)
+    holds: int = 0
 
     def cached_owner(self, now: int) -> str | None:
         return self._owner if now < self._owner_until else None
@@ -134,13 +136,30 @@ class Watch:
         del self.detached[sock.id]
         self.sockets.add(sock)
 
-    def deliver(self, frame: Frame, gap_before: bool) -> None:
+    def deliver(self, frame: Frame, gap_before: bool, position: Position | None = None) -> None:
+        if self.held is not None:
+            self.held.append(DeviceEvent(frame=frame, gap_before=gap_before, position=position))
+            return
         if self.trace is not None and self.sockets:
             self._traced(frame)
         for listener in list(self.listeners):
             listener.on_device_frame(self.connection_id, frame)
         for sock, text in self.fanout.route(frame, gap_before):
-            sock.deliver(text)
+            sock.deliver(text, position)
+
+    def hold(self) -> None:
+        """Keep the frames that arrive from now on, in order, until `unhold` (a resume catching up)."""
+        self.holds += 1
+        if self.held is None:
+            self.held = []
+
+    def unhold(self) -> list[DeviceEvent]:
+        """What was held, for the caller to deliver once the last hold ends (else nothing)."""
+        self.holds -= 1
+        if self.holds > 0 or self.held is None:
+            return []
+        held, self.held = self.held, None
+        return held
 
     def _traced(self, frame: Frame) -> None:
         trace, now = self.trace, now_ms()
@@ -269,8 +288,8 @@ class Hub:
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
         """To this pod's watchers directly, and through the bus to every other pod's."""
+        self.bus.publish(connection_id, event)  # first: it stamps the event's position
         self.on_device_event(connection_id, event)
-        self.bus.publish(connection_id, event)
 
     # ---- commands to devices -------------------------------------------------------------
 
@@ -338,7 +357,7 @@ class Hub:
         if watch is None:
             return
         if event.frame is not None:
-            watch.deliver(event.frame, event.gap_before)
+            watch.deliver(event.frame, event.gap_before, event.position)
         if event.state is not None:
             watch.cache_owner(None, 0)  # the device moved or dropped: ask live state next time
             came_back = watch.device_away and event.state is DeviceState.ONLINE

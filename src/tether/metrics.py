@@ -120,6 +120,7 @@ class Counters:
     resume_hits: int = 0
     resume_history_gone: int = 0
     resume_misses: int = 0
+    resume_log_frames: int = 0
     database_errors: int = 0
     # Device socket closes by close code ("1000", "1006", ...).
     device_disconnects: Tally = field(default_factory=Tally)
@@ -142,5 +143,6 @@ COUNTER_HELP = {
     "messages_offline": "POST .../messages answered success:false (device offline).",
     "messages_deduplicated": "POST .../messages not re-sent (repeated client_message_id).",
     "registrations": "Device registrations (attempts that passed validation).",
+    "resume_log_frames": "Frames a resume across pods numbered from the connection's event log.",
     "database_errors": "Database calls that failed (SQLAlchemy handle_error: connects and statements).",
 }

@@ -14,6 +14,7 @@ from time import perf_counter
 from typing import Protocol
 
 from tether.metrics import Histogram
+from tether.protocol.events import Position
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import with_seq
 from tether.protocol.history import History
@@ -119,17 +120,24 @@ class ClientSocket:
         self.latency = latency
         self._handed_at = 0.0
         self.on_overflow: Callable[[ClientSocket], None] | None = None
+        # Set by a resume across pods: the event-log position it replayed up to (later ones only).
+        self.after: Position | None = None
 
     def start(self) -> None:
         """The socket is accepted: from now on what is queued goes out."""
         self._started = True
         self._schedule()
 
-    def deliver(self, text: str) -> None:
-        """Number a relayed frame for this socket and queue it (or only record it while detached)."""
+    def deliver(self, text: str, position: Position | None = None) -> None:
+        """Number a relayed frame for this socket and queue it (or only record it while detached).
+        `position`: the device event it carries, which the history records for a resume elsewhere."""
+        if position is not None and self.after is not None:
+            if position <= self.after:
+                return  # a resume replayed it already (from the connection's event log)
+            self.after = None
         self.seq += 1
         out = with_seq(text, self.seq)
-        self.history.append(self.seq, out)
+        self.history.append(self.seq, out, position)
         if self.transport is not None and not self.closed:
             if not self._handed_at:
                 self._handed_at = perf_counter()

@@ -46,7 +46,12 @@ class Bus(Protocol):
         ...
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
-        """Queue a device event for the *other* pods watching `connection_id`; never blocks."""
+        """Stamp the event's position, and queue it for the *other* pods watching `connection_id`
+        and the connection's event log; never blocks."""
+        ...
+
+    async def flushed(self) -> None:
+        """Once every event published here so far is in the event log (or lost, as a hole)."""
         ...
 
     async def watch(self, connection_id: str) -> None: ...

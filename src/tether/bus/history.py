@@ -4,11 +4,15 @@ cluster also writes it to Redis Streams so a client whose pod died can resume on
 The write path never waits for Redis: `RecordedHistory.append` (once per relayed frame) queues the
 frame for this pod's flusher, which writes every few milliseconds in one pipeline. So a pod killed
 between two flushes takes its last frames with it, and frames the device sends after it died were
-never numbered for its sockets: a record read from Redis is never complete, and the resume answers
-what it holds and then `resync_required` (`protocol.history.plan_resume`), never a silent gap.
+never numbered for its sockets. Both come back from the connection's event log, which the device's
+pod writes (`bus.publishing`): the record keeps the log position of the last event it numbered, and
+a resume routes and numbers the log after it as the dead pod would have
+(`protocol.history.plan_catch_up`). What neither holds (trimmed, a hole) is announced with
+`resync_required`, never skipped in silence.
 
 Keys, per relay socket (`tether.redisconn.keys`): `relay:{socket}:history`, a stream with entry ids
-`<seq>-1` (so trimming by seq is MINID), and `relay:{socket}`, a hash (connection, key, last seq).
+`<seq>-1` (so trimming by seq is MINID), and `relay:{socket}`, a hash (connection, key, last seq,
+the event-log position of the last event numbered in).
 Both bounded like the socket's own history: about TETHER_HISTORY_FRAMES entries (MAXLEN ~),
 TETHER_HISTORY_BYTES (MINID at the oldest seq that fits), and TETHER_HISTORY_SECONDS after the
 socket's last write or, while it is open, after its pod last refreshed it.
@@ -24,7 +28,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from tether.bus.publishing import read_event
 from tether.config import Settings
+from tether.protocol.events import DeviceEvent, Position
 from tether.protocol.history import History
 from tether.redisconn.backoff import Backoff
 from tether.redisconn.connect import connect_lean
@@ -48,6 +54,7 @@ class HistoryRecord:
     key_id: str
     last_seq: int
     frames: list[tuple[int, str]]  # (seq, text), oldest first
+    position: Position | None = None  # in the connection's event log, of the last event numbered in
 
 
 class HistoryStore(Protocol):
@@ -64,6 +71,10 @@ class HistoryStore(Protocol):
 
     async def fetch(self, socket_id: str) -> HistoryRecord | None:
         """A socket another pod served, as far as it was written; None if unknown (or unreachable)."""
+        ...
+
+    async def events_after(self, connection_id: str, position: Position) -> list[DeviceEvent] | None:
+        """The connection's event log after `position`, oldest first; None if unreadable."""
         ...
 
 
@@ -88,6 +99,9 @@ class MemoryHistoryStore:
     async def fetch(self, socket_id: str) -> HistoryRecord | None:
         return None
 
+    async def events_after(self, connection_id: str, position: Position) -> list[DeviceEvent] | None:
+        return None  # never asked: `fetch` knows no socket of another pod
+
 
 class RecordedHistory(History):
     """A socket's own history that also hands each frame to the pod's flusher."""
@@ -101,8 +115,8 @@ class RecordedHistory(History):
         self.connection_id = connection_id
         self.key_id = key_id
 
-    def append(self, seq: int, text: str) -> None:
-        super().append(seq, text)
+    def append(self, seq: int, text: str, position: Position | None = None) -> None:
+        super().append(seq, text, position)
         self.store.queue(self, seq, text)
 
 
@@ -114,8 +128,9 @@ class RedisHistoryStore:
         self.ttl_ms = int(settings.history_seconds * 1000)
         self.buffer_frames = settings.history_buffer_frames
         self.flush_seconds = settings.history_flush_ms / 1000
-        # Frames waiting for the flusher: (the socket's history, seq, text, oldest seq it still keeps).
-        self._queue: deque[tuple[RecordedHistory, int, str, int]] = deque()
+        # Frames waiting for the flusher: (the socket's history, seq, text, oldest seq it still keeps,
+        # the event position it had then).
+        self._queue: deque[tuple[RecordedHistory, int, str, int, Position | None]] = deque()
         # Sockets on this pod, whose keys are refreshed while they live: forgotten when the relay
         # operations say so, or at the latest when the socket itself is gone (weak references).
         self._open: weakref.WeakValueDictionary[str, RecordedHistory] = weakref.WeakValueDictionary()
@@ -151,7 +166,7 @@ class RedisHistoryStore:
         if len(self._queue) >= self.buffer_frames:
             self._queue.popleft()  # a hole in that socket's record: a resume across it resyncs
             self.dropped += 1
-        self._queue.append((history, seq, text, history.first_seq))
+        self._queue.append((history, seq, text, history.first_seq, history.last_position))
         self._wake.set()
 
     async def _run(self) -> None:
@@ -184,18 +199,20 @@ class RedisHistoryStore:
             return
         keys = self.link.keys
         commands: list[tuple[str | int, ...]] = []
-        last: dict[str, tuple[RecordedHistory, int, int]] = {}
-        for history, seq, text, first_seq in batch:
+        last: dict[str, tuple[RecordedHistory, int, int, Position | None]] = {}
+        for history, seq, text, first_seq, position in batch:
             stream = keys.relay_history(history.socket_id)
             commands.append(
                 ("XADD", stream, "MAXLEN", "~", self.settings.history_frames, f"{seq}-1", "f", text)
             )
-            last[history.socket_id] = (history, seq, first_seq)
-        for socket_id, (history, seq, first_seq) in last.items():
+            last[history.socket_id] = (history, seq, first_seq, position)
+        for socket_id, (history, seq, first_seq, position) in last.items():
             stream, meta = keys.relay_history(socket_id), keys.relay(socket_id)
             # The socket's own history says what still fits in frames and bytes: trim to its oldest.
             commands.append(("XTRIM", stream, "MINID", f"{first_seq}-0"))
             commands.append(("HSET", meta, "seq", seq, "conn", history.connection_id, "key", history.key_id))
+            if position is not None:
+                commands.append(("HSET", meta, "pos", f"{position[0]}-{position[1]}"))
             commands.append(("PEXPIRE", stream, self.ttl_ms))
             commands.append(("PEXPIRE", meta, self.ttl_ms))
         # An entry id not above the stream's last (a socket's frames split over two pipelines that
@@ -228,4 +245,25 @@ class RedisHistoryStore:
             for entry_id, fields in entries or []
         ]
         connection_id, key_id = str(meta.get("conn", "")), str(meta.get("key", ""))
-        return HistoryRecord(connection_id, key_id, int(meta.get("seq", "0")), frames)
+        pos = str(meta.get("pos", ""))
+        return HistoryRecord(connection_id, key_id, int(meta.get("seq", "0")), frames, _position(pos))
+
+    async def events_after(self, connection_id: str, position: Position) -> list[DeviceEvent] | None:
+        stream = self.link.keys.connection_log(connection_id)
+        try:
+            entries = await self.link.redis.xrange(
+                stream, min=f"({position[0]}-{position[1]}", count=FETCH_MAX
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("reading the event log of %s from Redis failed: %r", connection_id, exc)
+            return None
+        # decode_responses: every id and value is a str.
+        return [
+            read_event(connection_id, {str(k): str(v) for k, v in (fields or {}).items()}, _position(str(i)))
+            for i, fields in entries or []
+        ]
+
+
+def _position(text: str) -> Position | None:
+    epoch, _, n = text.partition("-")
+    return (int(epoch), int(n)) if epoch.isdigit() and n.isdigit() else None

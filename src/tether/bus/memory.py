@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from tether.bus.base import BoundBus
-from tether.protocol.events import DeviceEvent
+from tether.clock import now_ms
+from tether.protocol.events import DeviceEvent, Positions
 
 
 class MemoryBus(BoundBus):
+    def __init__(self) -> None:
+        self.positions = Positions()
+
     async def start(self) -> None:
         return None
 
@@ -17,7 +21,10 @@ class MemoryBus(BoundBus):
         return await self.handler.write_to_device(connection_id, text)
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
-        return None  # there are no other pods
+        self.positions.stamp(connection_id, event, now_ms())  # no other pod, no log to write
+
+    async def flushed(self) -> None:
+        return None
 
     async def watch(self, connection_id: str) -> None:
         return None

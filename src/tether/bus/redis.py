@@ -49,7 +49,9 @@ class RedisBus(BoundBus):
         self._writes = connect_lean(self.link.address)
         watchers = WatchersCache(self.link)
         self._inbox = Inbox(self.link, self._writes, self, watchers.heard_from)
-        self._publisher = EventPublisher(self.link, self._writes, watchers)
+        self._publisher = EventPublisher(
+            self.link, self._writes, watchers, settings.history_frames, settings.history_seconds
+        )
         # Publish (owning pod's clock) to read (this pod's): tether_bus_lag_seconds.
         self.lag = Histogram(BUS_LAG_BUCKETS)
         self._healths: list[RedisHealth] = []
@@ -145,6 +147,9 @@ class RedisBus(BoundBus):
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
         self._publisher.publish(connection_id, event)
+
+    async def flushed(self) -> None:
+        await self._publisher.flushed()
 
     async def watch(self, connection_id: str) -> None:
         await self._watches.watch(connection_id)

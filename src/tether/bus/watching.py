@@ -18,10 +18,9 @@ from redis.asyncio.client import Pipeline
 from tether.bus.base import BoundBus
 from tether.bus.gaps import Gaps
 from tether.bus.inbox import Inbox
+from tether.bus.publishing import read_event
 from tether.clock import now_ms
 from tether.metrics import Histogram
-from tether.protocol.events import DeviceEvent, DeviceState
-from tether.protocol.frames import Frame, FrameError, decode
 from tether.redisconn.health import REDIS_ERRORS
 from tether.redisconn.link import PodLink
 from tether.redisconn.pipelines import pipelined
@@ -122,28 +121,14 @@ class Watches:
         if written is not None:
             # Across two pods' clocks: skew shows as lag (or as 0, clamped), so keep pods on NTP.
             self._lag.observe(max(0, now_ms() - int(written)) / 1000)
-        frame = _frame(connection_id, fields.get("f"))
-        gap = self._gaps.event(
+        epoch, n = fields.get("e", "0"), fields.get("n", "0")
+        event = read_event(connection_id, fields, (int(epoch), int(n)) if "e" in fields else None)
+        event.gap_before = self._gaps.event(
             connection_id,
             fields.get("p", ""),
-            int(fields.get("n", "0")),
-            flagged=fields.get("g") == "1",
-            frame=frame is not None,
+            int(n),
+            flagged=event.gap_before,
+            frame=event.frame is not None,
         )
-        state = DeviceState(fields["s"]) if "s" in fields else None
-        if frame is not None:
-            self._bus.handler.on_device_event(
-                connection_id, DeviceEvent(frame=frame, gap_before=gap, state=state)
-            )
-        elif state is not None:
-            self._bus.handler.on_device_event(connection_id, DeviceEvent(state=state))
-
-
-def _frame(connection_id: str, text: str | None) -> Frame | None:
-    if text is None:
-        return None
-    try:
-        return decode(text)
-    except FrameError as exc:
-        log.warning("undecodable relayed frame for %s: %s", connection_id, exc)
-        return None
+        if event.frame is not None or event.state is not None:
+            self._bus.handler.on_device_event(connection_id, event)

@@ -11,16 +11,17 @@ import asyncio
 import logging
 import uuid
 
-from tether.bus.history import HistoryStore
+from tether.bus.history import HistoryRecord, HistoryStore
 from tether.clock import now_ms
 from tether.config import Settings
 from tether.hub import Hub, Watch
 from tether.metrics import Counters
 from tether.protocol import closes
-from tether.protocol.events import DeviceEvent, DeviceState
+from tether.protocol.events import DeviceEvent, DeviceState, follows
+from tether.protocol.fanout import INTERNAL_REQUEST_PREFIX
 from tether.protocol.feeds import Scope
 from tether.protocol.frames import PONG, Frame, encode, error_frame, scoped_sync
-from tether.protocol.history import plan_resume
+from tether.protocol.history import plan_catch_up
 from tether.protocol.ratelimit import TokenBucket
 from tether.protocol.roles import may_act
 from tether.sockets import ClientSocket, Transport
@@ -28,6 +29,10 @@ from tether.store.base import Principal
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.relays")
+
+# Reads of the event log one resume across pods makes at most: a second when frames held meanwhile
+# show the first was too early (the device's pod had not yet learnt this pod watches it).
+CATCH_UP_READS = 3
 
 
 class Relays:
@@ -95,13 +100,9 @@ class Relays:
         )
         sock.on_overflow = self._slow_client
         if resume is not None and record is not None:
-            answer = plan_resume(record.frames, resume[1], record.last_seq, complete=False)
-            sock.seq = max(record.last_seq, resume[1])
-            for text in answer.replay:
-                sock.push(text)
-            self.counters.resume_history_gone += 1
-            sock.deliver(encode({"type": "resync_required", "reason": answer.resync_reason}))
-        fresh_scope = watch.add(sock)
+            fresh_scope = await self._catch_up(watch, sock, record, resume[1])
+        else:
+            fresh_scope = watch.add(sock)
         if resume is not None and record is None:
             self.counters.resume_misses += 1
             sock.deliver(encode({"type": "resync_required", "reason": "unknown or expired resume token"}))
@@ -109,11 +110,83 @@ class Relays:
             await self.subscribe(watch, scope)
         return RelaySession(self, watch, sock, may_act(principal.role))
 
+    async def _catch_up(
+        self, watch: Watch, sock: ClientSocket, record: HistoryRecord, resume_from: int
+    ) -> bool:
+        """Resume a socket another pod served: its record, then the connection's event log after it,
+        then the live feed, with nothing lost or repeated at the hand-over. Returns whether the
+        socket's scope is new here.
+
+        The watch holds the frames arriving meanwhile. This pod's own events are in the log once
+        its publisher has flushed; another pod's arrive held (they are written to the log first,
+        in the same pipeline), and one held past a hole in what the log gave means the log was
+        read too early: it is read again."""
+        conn = watch.connection_id
+        watch.hold()
+        try:
+            for _ in range(CATCH_UP_READS):
+                if self.hub.device(conn) is not None:
+                    await self.hub.bus.flushed()
+                logged = None
+                if record.position is not None:
+                    logged = await self.history.events_after(conn, record.position)
+                plan = plan_catch_up(
+                    record.frames,
+                    record.last_seq,
+                    record.position,
+                    logged,
+                    resume_from,
+                    sock.scope,
+                    sock.channel,
+                    sock.key_id,
+                )
+                if plan.resync_reason is not None or plan.position is None:
+                    break
+                later = [e.position for e in watch.held or () if e.position and e.position > plan.position]
+                if not later or follows(plan.position, later[0]):
+                    break
+        finally:
+            held = watch.unhold()
+        # From here on without a pause: the hand-over happens within one turn of the loop.
+        after = plan.position
+        for event in held:
+            if after is not None and event.position is not None and event.position <= after:
+                self._deliver(watch, event)  # replayed to this socket already; the others' due
+        sock.seq = plan.seq
+        for seq, text, position in plan.frames:
+            sock.history.append(seq, text, position)
+        for text in plan.replay:
+            sock.push(text)
+        sock.after = after
+        self.counters.resume_log_frames += len(plan.frames) - len(record.frames)
+        fresh_scope = watch.add(sock)
+        reason = plan.resync_reason
+        if not sock.scope.unscoped:
+            if fresh_scope:
+                feed = watch.fanout.feeds[sock.scope]
+                feed.next_event_seq, feed.losses_seen = plan.feed_next, watch.fanout.losses
+            elif reason is None:
+                reason = "this pod numbers the scope's events in its own feed"
+        if reason is None:
+            self.counters.resume_hits += 1
+        else:
+            self.counters.resume_history_gone += 1
+            sock.deliver(encode({"type": "resync_required", "reason": reason}))
+        for event in held:
+            if after is None or event.position is None or event.position > after:
+                self._deliver(watch, event)
+        return fresh_scope
+
+    @staticmethod
+    def _deliver(watch: Watch, event: DeviceEvent) -> None:
+        if event.frame is not None:
+            watch.deliver(event.frame, event.gap_before, event.position)
+
     async def subscribe(self, watch: Watch, scope: Scope) -> None:
         """Subscribe the device connection to a scope: it emits scoped events only for subscribers."""
         if scope.agent_id is None:
             return
-        request_id = f"tether-sub-{uuid.uuid4().hex}"
+        request_id = f"{INTERNAL_REQUEST_PREFIX}{uuid.uuid4().hex}"
         watch.fanout.internal_request(request_id)
         sync = scoped_sync(scope.agent_id, scope.conversation_id or "default", request_id)
         await self.hub.send_to_device(watch.connection_id, sync)

@@ -17,6 +17,9 @@ from tether.protocol.frames import Frame
 # The router's own requests (scope subscriptions) remembered per connection; their answers are
 # not relayed. Bounded: a device that never answers cannot grow it.
 INTERNAL_REQUESTS_PER_CONNECTION = 1024
+# Every pod's own requests start so: a reply to another pod's is not relayed either (its sockets
+# never asked), and a resume replaying the event log elsewhere routes exactly as this pod did.
+INTERNAL_REQUEST_PREFIX = "tether-sub-"
 REQUEST_ROUTES_PER_CONNECTION = 10_000
 
 
@@ -133,6 +136,8 @@ class Fanout(Generic[M]):
                 if partner is None:
                     return [(sender, frame.text)]
                 return [(sender, frame.text), (partner, frame.text)]
+            if frame.request_id.startswith(INTERNAL_REQUEST_PREFIX):
+                return []  # another pod's own request (or a client's elsewhere, answered there)
         out: list[tuple[M, str]] = []
         for scope, feed in self.feeds.items():
             if scope.matches(frame):

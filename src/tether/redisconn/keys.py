@@ -15,6 +15,7 @@ owner that this pod now watches it:
     pod:{pod}:inbox        stream               requests to this pod and replies to its requests
     pod:{pod}:events       stream               events of the devices this pod watches
     conn:{id}:watchers     sorted set           pods watching a connection, scored by expiry
+    conn:{id}:log          stream, ids <epoch>-<n>  a watched connection's events (`bus.publishing`)
 
 Resume history (`tether.bus.history`), per relay socket, PX history_seconds:
 
@@ -59,6 +60,9 @@ class RedisKeys:
 
     def watchers(self, connection_id: str) -> str:
         return f"{self.prefix}conn:{connection_id}:watchers"
+
+    def connection_log(self, connection_id: str) -> str:
+        return f"{self.prefix}conn:{connection_id}:log"
 
     def claim(self, key: str) -> str:
         return f"{self.prefix}claim:{key}"
