@@ -265,7 +265,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     # The Environments API.
     ("POST", f"{E}/register"): private(_register_cell, "200", "200", "403"),
     ("GET", E): private(_fixed(E), "200", "200", "200"),
-    ("GET", f"{E}/{{deviceId:path}}"): private(
+    ("GET", f"{E}/{{deviceId:rest}}"): private(
         lambda w, _c: (f"{E}/{w.device['deviceId']}", None), "200", "404", "200"
     ),
     ("POST", f"{E}/{{connectionId}}/messages"): private(_message, "200", "404", "403"),

@@ -43,7 +43,9 @@ BURST_INTERVAL_S = 0.01  # a burst starts at most this often: up to 2,000 deltas
 WRITE_BUFFER_HIGH = 64 * 1024  # uvloop's default high-water mark: past it a socket is not written to
 SOCKET_OVERHEAD_KIB = 64  # an open relay socket's own objects, generously (bench: ~34 KiB per device)
 CLOSE_BOUND_S = 60.0  # every slow socket closed within this of the last one opening
-OPEN_CONCURRENCY = 64
+OPEN_CONCURRENCY = 32
+# The pod is saturated while it fans the stream out to slow sockets not yet closed: an upgrade waits.
+OPEN_TIMEOUT_S = 60.0
 
 
 def _raise_fd_limit(wanted: int) -> int:
@@ -200,11 +202,16 @@ async def measure(run: Run) -> None:
             async def open_slow(i: int) -> None:
                 channel = "control" if i % 2 == 0 else "stream"
                 async with gate:
-                    sock = await wire.RawSocket.open(
-                        base + urlencode({**scope, "channel": channel}),
-                        {"Authorization": f"Bearer {server.key}"},
-                        rcvbuf=SLOW_RCVBUF,
-                    )
+                    try:
+                        sock = await wire.RawSocket.open(
+                            base + urlencode({**scope, "channel": channel}),
+                            {"Authorization": f"Bearer {server.key}"},
+                            rcvbuf=SLOW_RCVBUF,
+                            timeout=OPEN_TIMEOUT_S,
+                        )
+                    except (TimeoutError, OSError) as exc:
+                        refused.append(f"slow socket {i}: {exc!r}")
+                        return
                 if sock.status != 101:
                     refused.append(f"slow socket {i}: upgrade answered {sock.status}")
                     sock.abort()

@@ -307,6 +307,7 @@ async def _properties(run: Run, examples: int) -> tuple[int, int, str]:
 
 
 async def measure(run: Run) -> None:
+    started = time.monotonic()
     rng = random.Random(16)
     examples = run.scaled(3000, 200)
     run.say(f"  frame decoders and socket-edge parsers: hypothesis properties, {examples} examples each")
@@ -322,7 +323,6 @@ async def measure(run: Run) -> None:
         f"{RSS_GROWTH_BOUND_KIB // 1024} MiB; each bad socket: dropped/answered and usable, or closed "
         "with 1009 / 1007 / 1002 as documented (a relay socket flooded with pings it never reads: or 4008)",
     )
-    started = time.monotonic()
     row.inputs["property examples (tests/protocol/test_frame_fuzz.py)"] = passed
     if code != 0:
         row.fail(f"property fuzzing failed (pytest exit {code}): {tail}")

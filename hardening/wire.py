@@ -73,7 +73,9 @@ class RawSocket:
         self.closed_with: int | None = None  # the code of a close frame `until` ran into
 
     @classmethod
-    async def open(cls, url: str, headers: dict[str, str], *, rcvbuf: int | None = None) -> RawSocket:
+    async def open(
+        cls, url: str, headers: dict[str, str], *, rcvbuf: int | None = None, timeout: float = 10
+    ) -> RawSocket:
         loop = asyncio.get_running_loop()
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -82,7 +84,7 @@ class RawSocket:
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 10)
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             lines = [
                 f"GET {target} HTTP/1.1",
@@ -96,7 +98,7 @@ class RawSocket:
             await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
             data = b""
             while b"\r\n\r\n" not in data:
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
                 if not chunk:
                     raise ConnectionError("the upgrade got no response")
                 data += chunk

@@ -121,22 +121,34 @@ def test_serve_refuses_a_schema_from_a_newer_tether(database_url: str, tmp_path:
 
 
 def test_serve_explains_an_unreachable_database(tmp_path: Path) -> None:
+    # It does not exit: it listens, says which database it waits for, and answers /readyz 503.
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
-    done = run_tether("serve", TETHER_DATABASE_URL=url, TETHER_PORT=str(free_port()))
-    assert done.returncode != 0
-    assert "refusing to start" in done.stderr and "127.0.0.1" in done.stderr
-    assert "Traceback" not in done.stderr
+    port = free_port()
+    proc, log_path = _serve_until(
+        tmp_path, lambda out: "waiting for the database" in out, TETHER_DATABASE_URL=url, port=port
+    )
+    try:
+        output = log_path.read_text(errors="replace")
+        assert "postgresql+asyncpg://postgres@127.0.0.1" in output and "/nothing" in output
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert ready.status_code == 503, ready.text
+        assert "database" in ready.json()["waiting"], ready.json()
+    finally:
+        output = _stops_promptly(proc, signal.SIGTERM, log_path)
+    assert "Traceback" not in output
 
 
 # ---- signals while starting -------------------------------------------------------------------
 
 
 def _serve_until(
-    tmp_path: Path, ready: Callable[[str], bool], **env: str
+    tmp_path: Path, ready: Callable[[str], bool], port: int | None = None, **env: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """Start `tether serve` and wait until its output satisfies `ready`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    clean.update(TETHER_PORT=str(free_port()), TETHER_DATA_DIR=str(tmp_path / "data"), **env)
+    port = free_port() if port is None else port
+    clean.update(TETHER_PORT=str(port), TETHER_DATA_DIR=str(tmp_path / "data"), **env)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([*TETHER, "serve"], env=clean, stdout=log, stderr=subprocess.STDOUT)

@@ -249,26 +249,6 @@ def _draining_server(config: uvicorn.Config, drain_s: float) -> uvicorn.Server:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            # uvicorn notes SIGINT/SIGTERM (should_exit) but looks at it only once the app's start-up
-            # is over, and that start-up waits for Redis or the database as long as they are away.
-            watcher = asyncio.get_running_loop().create_task(self._abandon_start_up_on_signal())
-            try:
-                await super().startup(sockets)
-            finally:
-                watcher.cancel()
-
-        async def _abandon_start_up_on_signal(self) -> None:
-            while True:
-                starting = getattr(getattr(self.config.app, "state", None), "starting", None)
-                if self.should_exit and isinstance(starting, asyncio.Task):
-                    if starting.done():
-                        return
-                    # Again until it ends: Python 3.11's asyncio.wait_for (redis-py's connect) can
-                    # lose a cancellation that arrives as the connection completes.
-                    starting.cancel()
-                await asyncio.sleep(0.1)
-
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for server in self.servers:
                 server.close()

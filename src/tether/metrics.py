@@ -143,6 +143,6 @@ COUNTER_HELP = {
     "messages_offline": "POST .../messages answered success:false (device offline).",
     "messages_deduplicated": "POST .../messages not re-sent (repeated client_message_id).",
     "registrations": "Device registrations (attempts that passed validation).",
-    "resume_log_frames": "Frames a resume across pods numbered from the connection's event log.",
+    "resume_log_frames": "Frames resumes across pods replayed from the connection's event log.",
     "database_errors": "Database calls that failed (SQLAlchemy handle_error: connects and statements).",
 }

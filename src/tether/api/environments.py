@@ -7,6 +7,7 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from tether.api.auth import Caller, node_of
 from tether.api.errors import AUTHENTICATED, ApiError, error_responses
@@ -27,6 +28,22 @@ from tether.api.schemas import (
 from tether.clock import now_ms
 from tether.ops.teleports import TeleportError, teleport_json
 from tether.store.base import UnknownCursor
+
+
+class _Rest(Convertor[str]):
+    """The rest of the path, line breaks included: Starlette's `path` stops at one (`.*`), so a
+    deviceId registered with a newline could not be read back (its GET fell to DELETE's 405)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("rest", _Rest())
 
 router = APIRouter(
     prefix="/v1/environments", tags=["environments"], responses=error_responses(*AUTHENTICATED)
@@ -246,7 +263,7 @@ async def delete_environment(
     return Response(status_code=204)
 
 
-@router.get("/{deviceId:path}", response_model=EnvironmentConnection, responses=_NOT_FOUND)
+@router.get("/{deviceId:rest}", response_model=EnvironmentConnection, responses=_NOT_FOUND)
 async def retrieve_environment(
     request: Request,
     caller: Caller,

@@ -43,7 +43,7 @@ class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.logger.addFilter(_FILTER)  # once: a logger keeps one copy of a filter
         self._held = False  # reading paused by us because the write buffer is full
-        # asyncio's Queue and Event reserve 3.4 KiB per socket in deques (api/inbox.py).
+        # asyncio's Queue and Event reserve 4 KiB per socket in deques (api/inbox.py).
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag(True)  # type: ignore[assignment]
 

@@ -33,6 +33,9 @@ log = logging.getLogger("tether.relays")
 # Reads of the event log one resume across pods makes at most: a second when frames held meanwhile
 # show the first was too early (the device's pod had not yet learnt this pod watches it).
 CATCH_UP_READS = 3
+# How long one read may take (with this pod's own events flushed first) before the resume gives up on
+# the log and announces `resync_required`: the watch holds its frames meanwhile.
+CATCH_UP_SECONDS = 3.0
 
 
 class Relays:
@@ -125,11 +128,15 @@ class Relays:
         watch.hold()
         try:
             for _ in range(CATCH_UP_READS):
-                if self.hub.device(conn) is not None:
-                    await self.hub.bus.flushed()
                 logged = None
                 if record.position is not None:
-                    logged = await self.history.events_after(conn, record.position)
+                    try:
+                        async with asyncio.timeout(CATCH_UP_SECONDS):
+                            if self.hub.device(conn) is not None:
+                                await self.hub.bus.flushed()
+                            logged = await self.history.events_after(conn, record.position)
+                    except TimeoutError:
+                        log.warning("reading the event log of %s timed out: the resume resyncs", conn)
                 plan = plan_catch_up(
                     record.frames,
                     record.last_seq,
@@ -145,6 +152,8 @@ class Relays:
                 later = [e.position for e in watch.held or () if e.position and e.position > plan.position]
                 if not later or follows(plan.position, later[0]):
                     break
+            else:
+                plan.resync_reason = "the event log never caught up with the live feed"
         finally:
             held = watch.unhold()
         # From here on without a pause: the hand-over happens within one turn of the loop.
@@ -158,7 +167,8 @@ class Relays:
         for text in plan.replay:
             sock.push(text)
         sock.after = after
-        self.counters.resume_log_frames += len(plan.frames) - len(record.frames)
+        replayed_from_record = sum(1 for seq, _ in record.frames if seq > resume_from)
+        self.counters.resume_log_frames += max(0, len(plan.replay) - replayed_from_record)
         fresh_scope = watch.add(sock)
         reason = plan.resync_reason
         if not sock.scope.unscoped:
