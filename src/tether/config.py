@@ -291,8 +291,8 @@ class Settings:
     history_flush_ms: float = field(
         default=20.0,
         metadata={
-            "doc": "Cluster: relay history is written to Redis this often, in one pipeline (a pod killed"
-            " between two writes loses at most this much of it: a resume then resyncs)."
+            "doc": "Cluster: relay history is written to Redis this often, in one pipeline (what a pod"
+            " killed between two writes loses, a resume elsewhere fills in from the event log)."
         },
     )
     history_buffer_frames: int = field(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tether.protocol.events import DeviceEvent
+from tether.protocol.events import DeviceEvent, Position
 
 
 class BusHandler(Protocol):
@@ -52,6 +52,11 @@ class Bus(Protocol):
 
     async def flushed(self) -> None:
         """Once every event published here so far is in the event log (or lost, as a hole)."""
+        ...
+
+    def expect(self, connection_id: str, position: Position) -> None:
+        """A resume caught up to `position` in the connection's log: the next event from another
+        pod must follow it, or it is flagged `gap_before`."""
         ...
 
     async def watch(self, connection_id: str) -> None: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tether.bus.base import BoundBus
 from tether.clock import now_ms
-from tether.protocol.events import DeviceEvent, Positions
+from tether.protocol.events import DeviceEvent, Position, Positions
 
 
 class MemoryBus(BoundBus):
@@ -25,6 +25,9 @@ class MemoryBus(BoundBus):
 
     async def flushed(self) -> None:
         return None
+
+    def expect(self, connection_id: str, position: Position) -> None:
+        return None  # every event reaches the hub directly
 
     async def watch(self, connection_id: str) -> None:
         return None

@@ -25,7 +25,7 @@ from tether.bus.watchers import WatchersCache
 from tether.bus.watching import Watches
 from tether.config import Settings
 from tether.metrics import BUS_LAG_BUCKETS, Histogram
-from tether.protocol.events import DeviceEvent
+from tether.protocol.events import DeviceEvent, Position
 from tether.redisconn.cancel import stop_tasks
 from tether.redisconn.connect import connect_lean
 from tether.redisconn.health import REDIS_ERRORS, RedisHealth, describe
@@ -146,10 +146,14 @@ class RedisBus(BoundBus):
         return await self._inbox.ask(owner_pod, request, min(CLOSE_TIMEOUT_SECONDS, self.send_timeout))
 
     def publish(self, connection_id: str, event: DeviceEvent) -> None:
-        self._publisher.publish(connection_id, event)
+        self._publisher.publish(connection_id, event)  # stamps the position `local` reads
+        self._watches.local(connection_id, event)
 
     async def flushed(self) -> None:
         await self._publisher.flushed()
+
+    def expect(self, connection_id: str, position: Position) -> None:
+        self._watches.expect(connection_id, position)
 
     async def watch(self, connection_id: str) -> None:
         await self._watches.watch(connection_id)

@@ -21,6 +21,7 @@ from tether.bus.inbox import Inbox
 from tether.bus.publishing import read_event
 from tether.clock import now_ms
 from tether.metrics import Histogram
+from tether.protocol.events import DeviceEvent, Position
 from tether.redisconn.health import REDIS_ERRORS
 from tether.redisconn.link import PodLink
 from tether.redisconn.pipelines import pipelined
@@ -112,6 +113,28 @@ class Watches:
         if self._watched:
             await self.refresh()
 
+    def expect(self, connection_id: str, position: Position) -> None:
+        """A resume caught up to `position` from the connection's event log: if the first event
+        this pod then hears of does not follow it, that is a hole (flagged, never silent)."""
+        if connection_id in self._watched:
+            self._gaps.expect(connection_id, str(position[0]), position[1])
+
+    def local(self, connection_id: str, event: DeviceEvent) -> None:
+        """An event of a device on this pod, stamped, before this pod's watchers see it: if the device
+        came here from another pod, what it wrote to that one and nobody published is a hole too."""
+        if connection_id not in self._watched or event.position is None:
+            return
+        gap = self._gaps.event(
+            connection_id,
+            str(event.position[0]),
+            event.position[1],
+            flagged=event.gap_before,
+            frame=event.frame is not None,
+            event_seq=event.frame.event_seq if event.frame is not None else None,
+        )
+        if event.frame is not None:
+            event.gap_before = gap
+
     def on_entry(self, fields: Fields) -> None:
         """One entry of this pod's event stream, to the hub."""
         connection_id = fields.get("c", "")
@@ -123,12 +146,15 @@ class Watches:
             self._lag.observe(max(0, now_ms() - int(written)) / 1000)
         epoch, n = fields.get("e", "0"), fields.get("n", "0")
         event = read_event(connection_id, fields, (int(epoch), int(n)) if "e" in fields else None)
+        # The publisher is the position's epoch (a pod's count of the connection's events; each
+        # restart of it starts another), or the pod for a pod that sends none.
         event.gap_before = self._gaps.event(
             connection_id,
-            fields.get("p", ""),
+            fields.get("e") or fields.get("p", ""),
             int(n),
             flagged=event.gap_before,
             frame=event.frame is not None,
+            event_seq=event.frame.event_seq if event.frame is not None else None,
         )
         if event.frame is not None or event.state is not None:
             self._bus.handler.on_device_event(connection_id, event)

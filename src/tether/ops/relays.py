@@ -167,6 +167,8 @@ class Relays:
         for text in plan.replay:
             sock.push(text)
         sock.after = after
+        if after is not None and self.hub.device(conn) is None:
+            self.hub.bus.expect(conn, after)  # what the log could not give is flagged, not skipped
         replayed_from_record = sum(1 for seq, _ in record.frames if seq > resume_from)
         self.counters.resume_log_frames += max(0, len(plan.replay) - replayed_from_record)
         fresh_scope = watch.add(sock)
