@@ -11,8 +11,8 @@ stops passing bytes, both ways, as a partition does).
 
 Judged per fault: accepted sends (`success: true`) that no device received (0); relay frames missing
 on a client socket without an announcement (`resync_required`, a hole in the feed's `event_seq`, or a
-fresh socket) and `seq` gaps (0); `/readyz` samples, every 200 ms per pod, answering 200 while the pod
-could not route a send at that instant (0). Reported: sends answered 503 (retryable), and the time
+fresh socket) and `seq` gaps (0); `/readyz` samples, every 200 ms per pod, answering 200 just before
+and just after the pod failed to route a send (0). Reported: sends answered 503 (retryable), and the time
 until every device is online again (REST `onlineOnly` count back to the fleet, every device ready).
 """
 
@@ -365,7 +365,7 @@ class Harness:
         probe device on itself (database, Redis, its own socket) and to the one on the next pod (the
         bus). A failed cross-pod send counts against this pod only when the next pod, in the same
         instant, said it was ready and routed its own probe: a pod is not blamed for another's outage
-        (which that pod's own samples judge)."""
+        (which that pod's own samples judge). /readyz is asked before and after the sends."""
         at = time.time()
         pods = [(n, s) for n, s in self.pods.items() if n in self.probe_of]
         if not pods:
@@ -390,11 +390,16 @@ class Harness:
             return None if sent.status == 200 else False  # success: false: the probe device is away
 
         nexts = {n: pods[(i + 1) % len(pods)][0] for i, (n, _) in enumerate(pods)}
-        codes, local, cross = await asyncio.gather(
+        before, local, cross = await asyncio.gather(
             asyncio.gather(*(readyz(s) for _, s in pods)),
             asyncio.gather(*(probe(n, s, self.probe_of[n]) for n, s in pods)),
             asyncio.gather(*(probe(n, s, self.probe_of[nexts[n]]) for n, s in pods)),
         )
+        # Asked again once the sends ended: a pod counts as ready at this instant only if it said so
+        # both before and after, so a fault that began (or ended) while the sends were under way
+        # does not make an honest answer look like a lie.
+        after = await asyncio.gather(*(readyz(s) for _, s in pods))
+        codes = [b if b != 200 else a for b, a in zip(before, after, strict=True)]
         own = {n: local[i] for i, (n, _) in enumerate(pods)}
         ready_of = {n: codes[i] for i, (n, _) in enumerate(pods)}
         changed = False

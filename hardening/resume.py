@@ -72,6 +72,7 @@ async def measure(run: Run) -> None:
     cluster = Cluster(run.workdir / "resume", database_url, services.redis_url())
     checked = lost = repeated = resyncs = unneeded_resyncs = 0
     from_record = from_log = 0
+    reasons: list[str] = []  # of every resync_required within the bound
     device: Device | None = None
     started = time.monotonic()
     try:
@@ -115,6 +116,8 @@ async def measure(run: Run) -> None:
                         frame = await _frame(again)
                         if frame.get("type") == "resync_required":
                             resynced = True
+                            if not beyond_bound:
+                                reasons.append(f"round {n}, after {kill_after}: {frame.get('reason')}")
                             break
                         got.append(frame)
                     live_sent: list[int] = []
@@ -166,6 +169,7 @@ async def measure(run: Run) -> None:
         "checked": checked,
         "from_record": from_record,
         "from_log": from_log,
+        "resyncs_within_bound": reasons,
     }
     row.seconds = time.monotonic() - started
     if lost:
@@ -173,5 +177,5 @@ async def measure(run: Run) -> None:
     if repeated:
         row.fail(f"{repeated} frames repeated")
     if unneeded_resyncs:
-        row.fail(f"{unneeded_resyncs} resync_required within the history bound")
+        row.fail(f"{unneeded_resyncs} resync_required within the history bound: {'; '.join(reasons)}")
     run.add(row.judge())
