@@ -4,7 +4,9 @@ A reference device streams `bench_stream` bursts to a few well-behaved clients o
 checked: `seq` +1, each burst complete and in order, its device-to-client latency from the delta's
 own timestamp). Then 1,000 relay clients open their control+stream pair on the same scope, over raw
 sockets whose receive buffer is 4 KiB (SO_RCVBUF before the connect, so TCP really pushes back), and
-never read. Judged: every slow socket is closed with 4008 (`SLOW_CONSUMER`) within a bound; the pod's
+do not read: half never, half only from a few seconds after opening (by then past their queue).
+Judged: every slow socket is closed with 4008 (`SLOW_CONSUMER`) within a bound, the late readers read it,
+and the never-reading ones are dropped within the router's close timeout (their fds freed); the pod's
 RSS stays within the bound its configuration gives (per-socket queue, history and write buffer, times
 the sockets, plus the baseline); the fast clients get every frame in order, their p99 latency compared with
 the same clients' before the slow ones came.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import time
 import uuid
@@ -29,6 +32,7 @@ from websockets.asyncio.client import connect
 from hardening import wire
 from hardening.cluster import Server, pod, reference_device
 from hardening.core import Row, Run
+from tether.api.wsprotocol import CLOSE_TIMEOUT_S
 from tether.protocol import closes
 from tether.sockets import WRITE_BATCH_FRAMES
 
@@ -46,6 +50,14 @@ CLOSE_BOUND_S = 60.0  # every slow socket closed within this of the last one ope
 OPEN_CONCURRENCY = 32
 # The pod is saturated while it fans the stream out to slow sockets not yet closed: an upgrade waits.
 OPEN_TIMEOUT_S = 60.0
+# Half the slow clients start reading this long after they opened: by then they overflowed (a few
+# hundred frames at the stream's rate) and, within the router's close timeout, must read their 4008.
+# The other half never read: the router drops them CLOSE_TIMEOUT_S after their close (fds freed).
+LATE_READ_S = 3.0
+FD_SLACK = 32  # the pod's open files once the slow sockets are gone, over its count before them
+# While the slow sockets open and fill, each costs the pod an upgrade and a few hundred frames
+# framed and written before its 4008: the fast clients' p99 then stays within this factor of before.
+DURING_FACTOR = 20
 
 
 def _raise_fd_limit(wanted: int) -> int:
@@ -137,6 +149,10 @@ class Fast:
                     self.problems.append(f"{kind}: {text[:200]!r}")
 
 
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def _p99_between(fast: list[Fast], start: float, end: float) -> tuple[float, float, int]:
     values = [ms for f in fast for at, ms in f.latencies if start <= at < end]
     return _percentile(values, 50), _percentile(values, 99), len(values)
@@ -161,11 +177,15 @@ async def measure(run: Run) -> None:
         load=f"a reference device streaming {BURST}-delta bursts to {FAST_CLIENTS} well-behaved relay "
         "clients on one pod",
         faults=f"{pairs:,} relay clients (control+stream: {sockets:,} sockets, SO_RCVBUF {SLOW_RCVBUF} B) "
-        f"that never read; pod TETHER_CLIENT_QUEUE_FRAMES={QUEUE_FRAMES}, "
+        f"that do not read (half never, half from {LATE_READ_S:.0f} s after opening); pod "
+        f"TETHER_CLIENT_QUEUE_FRAMES={QUEUE_FRAMES}, "
         f"TETHER_HISTORY_FRAMES={HISTORY_FRAMES}",
-        bound=f"every slow socket closed with {closes.SLOW_CONSUMER} within {CLOSE_BOUND_S:.0f} s; RSS ≤ "
+        bound=f"every slow socket closed with {closes.SLOW_CONSUMER} within {CLOSE_BOUND_S:.0f} s (read by "
+        f"those reading {LATE_READ_S:.0f} s late); the never-reading ones dropped (fds freed) "
+        f"{CLOSE_TIMEOUT_S:.0f} s (the close timeout) after their close; RSS ≤ "
         "baseline + sockets x (queue + history + write buffer + socket); fast clients: every frame in "
-        "order, p99 latency after the slow sockets closed ≤ 2x the same clients' before (+2 ms)",
+        "order, p99 latency after the slow sockets closed ≤ 2x the same clients' before (+2 ms), while "
+        f"they open and fill ≤ {DURING_FACTOR}x before",
     )
     row.inputs = {"slow relay sockets": sockets, "fast relay clients": FAST_CLIENTS}
     started = time.monotonic()
@@ -195,7 +215,16 @@ async def measure(run: Run) -> None:
             t_slow = time.time()
             async with httpx.AsyncClient() as http:
                 closes_before = await _slow_closes(http, server)
+            fds_before = _open_fds(server.pid)
             run.say(f"  opening {sockets:,} slow relay sockets (fd limit {fd_limit})")
+            late_codes: dict[int | None, int] = {}
+            late_tasks: list[asyncio.Task[None]] = []
+
+            async def read_late(sock: wire.RawSocket) -> None:
+                await asyncio.sleep(LATE_READ_S)
+                code = await sock.close_code(CLOSE_TIMEOUT_S + 30)
+                late_codes[code] = late_codes.get(code, 0) + 1
+
             gate = asyncio.Semaphore(OPEN_CONCURRENCY)
             refused: list[str] = []
 
@@ -216,7 +245,10 @@ async def measure(run: Run) -> None:
                     refused.append(f"slow socket {i}: upgrade answered {sock.status}")
                     sock.abort()
                     return
-                slow.append(sock)
+                if i % 4 < 2:  # both channels among the late readers
+                    late_tasks.append(asyncio.create_task(read_late(sock)))
+                else:
+                    slow.append(sock)
 
             await asyncio.gather(*(open_slow(i) for i in range(sockets)))
             opened_at = time.monotonic()
@@ -231,6 +263,17 @@ async def measure(run: Run) -> None:
                         all_closed_s = time.monotonic() - opened_at
                         break
                     await asyncio.sleep(0.25)
+            # The never-reading half: dropped by the router CLOSE_TIMEOUT_S after its 4008.
+            fds_closed = _open_fds(server.pid)
+            freed_s: float | None = None
+            while time.monotonic() - opened_at < (all_closed_s or CLOSE_BOUND_S) + CLOSE_TIMEOUT_S + 15:
+                if _open_fds(server.pid) <= fds_before + FD_SLACK:
+                    freed_s = time.monotonic() - opened_at
+                    break
+                await asyncio.sleep(0.25)
+            fds_freed = _open_fds(server.pid)
+            run.say(f"  never-reading sockets freed at {freed_s or float('nan'):.1f} s ({fds_freed} pod fds)")
+            await asyncio.gather(*late_tasks)
             t_closed = time.time()
             rss_closed = server.rss_kib()
             await asyncio.sleep(phase_s)  # the fast clients go on with the closed slow sockets still there
@@ -241,16 +284,7 @@ async def measure(run: Run) -> None:
             for task in tasks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(task, 60)
-            # Now read each slow socket through what it was sent, to its close frame.
-            codes: dict[int | None, int] = {}
-            gate = asyncio.Semaphore(OPEN_CONCURRENCY)
-
-            async def drain(sock: wire.RawSocket) -> None:
-                async with gate:
-                    code = await sock.close_code(30)
-                codes[code] = codes.get(code, 0) + 1
-
-            await asyncio.gather(*(drain(s) for s in slow))
+            codes = late_codes
             sampling = False
             await sampler
             rss_drained = server.rss_kib()
@@ -267,23 +301,28 @@ async def measure(run: Run) -> None:
                 + SOCKET_OVERHEAD_KIB
             )
             bound_kib = int(rss_before + sockets * per_socket_kib)
+            late = sum(late_codes.values())
+            total = late + len(slow)
             if refused:
                 row.fail(f"{len(refused)} slow sockets refused: {refused[0]}")
             if server.proc.poll() is not None:
                 row.fail(f"the pod exited with {server.proc.returncode}")
             if all_closed_s is None:
-                row.fail(f"only {closed_by_router} of {len(slow)} slow sockets closed by the router")
+                row.fail(f"only {closed_by_router} of {total} slow sockets closed by the router")
             elif all_closed_s > CLOSE_BOUND_S:
                 row.fail(
                     f"the last slow socket closed {all_closed_s:.1f} s after opening (bound {CLOSE_BOUND_S})"
                 )
-            if closed_by_router != len(slow):
-                row.fail(
-                    f"the router counted {closed_by_router} slow-consumer closes for {len(slow)} slow sockets"
-                )
+            if closed_by_router != total:
+                row.fail(f"the router counted {closed_by_router} slow-consumer closes, {total} slow sockets")
             wrong = {c: n for c, n in codes.items() if c != closes.SLOW_CONSUMER}
             if wrong:
-                row.fail(f"slow sockets closed with other codes: {wrong}")
+                row.fail(f"late-reading slow sockets closed with other codes: {wrong}")
+            if freed_s is None:
+                row.fail(
+                    f"the pod still had {fds_freed} open files ({fds_before} before the slow sockets) "
+                    f"{CLOSE_TIMEOUT_S + 15:.0f} s after the last 4008"
+                )
             if peak > bound_kib:
                 row.fail(f"RSS peak {peak // 1024} MiB over the bound {bound_kib // 1024} MiB")
             base50, base99, n_base = _p99_between(fast, t_base + 1, t_slow)
@@ -291,6 +330,11 @@ async def measure(run: Run) -> None:
             after50, after99, n_after = _p99_between(fast, t_closed, t_after)
             if after99 > 2 * base99 + 2:
                 row.fail(f"fast clients' p99 {after99:.0f} ms after the slow sockets, {base99:.0f} ms before")
+            if during99 > DURING_FACTOR * base99:
+                row.fail(
+                    f"fast clients' p99 {during99:.0f} ms while the slow sockets filled, over "
+                    f"{DURING_FACTOR}x the {base99:.1f} ms before"
+                )
             driver = fast[0]
             for f in fast:
                 for problem in f.problems[:5]:
@@ -305,11 +349,14 @@ async def measure(run: Run) -> None:
                 row.fail(f"pod log: {line}")
             row.lost = (
                 f"{sum(len(f.problems) for f in fast)} fast-client frames out of order or missing of "
-                f"{sum(f.frames for f in fast):,}; {sum(wrong.values())} of {len(slow):,} slow sockets "
-                f"not closed with {closes.SLOW_CONSUMER}"
+                f"{sum(f.frames for f in fast):,}; {sum(wrong.values())} of {late:,} late-reading slow "
+                f"sockets not closed with {closes.SLOW_CONSUMER}; never-reading ones still open: "
+                f"{max(0, fds_freed - fds_before - FD_SLACK):,}"
             )
             row.note = (
-                f"slow sockets all closed {all_closed_s or float('nan'):.1f} s after the last opened; RSS "
+                f"slow sockets all closed {all_closed_s or float('nan'):.1f} s after the last opened, the "
+                f"never-reading half freed by {freed_s or float('nan'):.1f} s (pod fds {fds_before} before, "
+                f"{fds_closed} at the last 4008, {fds_freed} then); RSS "
                 f"{rss_before // 1024} MiB before, peak {peak // 1024} MiB (bound {bound_kib // 1024} MiB: "
                 f"{per_socket_kib:.0f} KiB per socket), {rss_closed // 1024} MiB once closed, "
                 f"{rss_drained // 1024} MiB once drained; fast p99 {base99:.0f} ms before, "
@@ -320,6 +367,10 @@ async def measure(run: Run) -> None:
                 "sockets": sockets,
                 "close_codes": {str(k): v for k, v in codes.items()},
                 "closed_by_router": closed_by_router,
+                "late_readers": late,
+                "never_reading": len(slow),
+                "freed_s": freed_s,
+                "fds": {"before": fds_before, "closed": fds_closed, "freed": fds_freed},
                 "all_closed_s": all_closed_s,
                 "open_s": t_opened - t_slow,
                 "rss_kib": {"before": rss_before, "peak": peak, "closed": rss_closed, "drained": rss_drained,

@@ -162,3 +162,43 @@ async def test_redis_restart_loses_no_accepted_send_and_readyz_stays_honest(
         assert all(p.alive() for p in pods)
     finally:
         await asyncio.gather(*(d.stop() for d in devices))
+
+
+async def test_rows_cleared_while_a_pod_was_cut_off_come_back_when_it_returns(
+    pods: list[Router], private_redis: RedisServer, pg_url: str
+) -> None:
+    """A partition from Redis longer than the pod TTL: the other pods count the pod dead and clear its
+    rows, while its devices stay connected to it. Once it is seen again it must write them back, or
+    REST shows those devices offline for good. The partition's aftermath is set up directly: the
+    pod's Redis key gone (as its TTL lapsed) and its rows cleared (as the other pod's sweep does)."""
+    import redis.asyncio as aioredis
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tether.redisconn.keys import RedisKeys
+
+    pod = pods[0]
+    device = Device(pod.base_url, pod.key, "cut-off", heartbeat_interval=5)
+    await device.start()
+    try:
+        await device.wait_ready(15)
+        assert await _online(pod) == 1
+        r = aioredis.from_url(private_redis.url)
+        await r.delete(RedisKeys().pod(pod.pod_id))
+        await r.aclose()
+        engine = create_async_engine(pg_url)
+        async with engine.begin() as conn:
+            cleared = await conn.execute(
+                sa.text("UPDATE environments SET pod_id = NULL, connected_at = NULL WHERE pod_id = :p"),
+                {"p": pod.pod_id},
+            )
+        await engine.dispose()
+        assert cleared.rowcount == 1
+        assert await _online(pods[1]) == 0
+        deadline = time.monotonic() + 15
+        while await _online(pod) != 1:
+            assert time.monotonic() < deadline, "the cleared row was never written back"
+            await asyncio.sleep(0.25)
+        assert await _online(pods[1]) == 1  # every pod reads the row, not only the one holding it
+    finally:
+        await device.stop()

@@ -42,6 +42,11 @@ DATABASE_RETRY_MAX_SECONDS = 2.0
 # While start-up waits for a service, say so after this long and then this often.
 WAITING_LOG_FIRST_SECONDS = 1.0
 WAITING_LOG_SECONDS = 5.0
+# After its live state was lost, a pod rewrites its devices' rows this long after it is seen again
+# (the other pods' view of the live pods is at most LIVE_PODS_CACHE_SECONDS old); the flag is polled
+# this often.
+RECLAIM_FIRST_SECONDS = 2.0
+RECLAIM_POLL_SECONDS = 1.0
 # Closing a pod that never reached its services waits at most this long for each of them.
 CLOSE_UNCONNECTED_SECONDS = 2.0
 
@@ -109,6 +114,7 @@ class Node:
                 await asyncio.sleep(backoff.next())
         self.tasks.spawn(self._flush_loop())
         self.tasks.spawn(self._sweep_loop())
+        self.tasks.spawn(self._reclaim_loop())
         self.tasks.spawn(self.pod_stats.run())
         if self.on_connected is not None:
             await self.on_connected()
@@ -242,6 +248,29 @@ class Node:
         dirty = self.live.take_dirty()
         if dirty:
             await self.store.flush_heartbeats([Heartbeat(c, hb) for c, hb in dirty.items()])
+
+    async def _reclaim_loop(self) -> None:
+        """Rewrite this pod's ready devices' rows after its live state was lost.
+
+        A partition from Redis longer than the pod TTL makes the other pods count this one dead and
+        clear its rows (`clear_dead_pods`); the devices stay connected here and their leases never
+        change, so nothing else would write the rows again and REST would show them offline for good.
+        The rows are reclaimed once the other pods can see this pod again, and once more a pod TTL
+        later, for a pod whose view of the live pods was older than this pod's return."""
+        while True:
+            await asyncio.sleep(RECLAIM_POLL_SECONDS)
+            if not self.live.take_lost():
+                continue
+            for wait in (RECLAIM_FIRST_SECONDS, self.settings.pod_ttl_seconds):
+                await asyncio.sleep(wait)
+                ready = [link.connection_id for link in self.hub.links() if link.ready]
+                try:
+                    count = await self.store.reclaim(self.pod_id, ready, now_ms())
+                except Exception as exc:
+                    log.warning("reclaiming rows after lost live state failed: %r", exc)
+                    continue
+                if count:
+                    log.warning("pod %s: rewrote %d rows other pods had cleared", self.pod_id, count)
 
     async def _sweep_loop(self) -> None:
         interval = min(5.0, max(0.05, self.settings.offline_after_seconds / 10))

@@ -131,6 +131,8 @@ class ClientSocket:
     def deliver(self, text: str, position: Position | None = None) -> None:
         """Number a relayed frame for this socket and queue it (or only record it while detached).
         `position`: the device event it carries, which the history records for a resume elsewhere."""
+        if self.closed:
+            return  # on its way out of the fan-out: no `seq` or history for a socket nobody resumes
         if position is not None and self.after is not None:
             if position <= self.after:
                 return  # a resume replayed it already (from the connection's event log)
@@ -225,6 +227,8 @@ class ClientSocket:
             return
         self.closed = True
         self._queue.clear()
+        self._queued_bytes = 0
+        self.stop_writer()  # a slow consumer's write waits for a buffer that never drains
         transport, self.transport = self.transport, None
         if transport is not None:
             with contextlib.suppress(Exception):

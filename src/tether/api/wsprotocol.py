@@ -6,6 +6,8 @@ the socket's write buffer. A peer that sends pings and never reads made the rout
 transport paused writing), the socket stops reading too, so the peer's own input waits in the kernel
 (TCP pushes back) and what the router holds for one socket stays bounded by the transport's limits.
 Our own writes already wait for the buffer (`WsTransport`, the relay's outbound queue with its 4008).
+Our close does not wait for it (uvicorn's would, forever for a peer that never reads), and the socket
+ends at most CLOSE_TIMEOUT_S after it, its unsent bytes dropped if it has not drained by then.
 
 uvicorn also logs invalid UTF-8 in a text message as an ERROR with a traceback. That is the peer's
 input, not the router's failure (the socket is closed with 1007, RFC 6455 §8.1): one WARNING line.
@@ -22,6 +24,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from tether.api.inbox import Flag, Inbox
 
 _INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
+# From our close frame to the socket's end, at most (uvicorn's own default, now also a bound).
+CLOSE_TIMEOUT_S = 10.0
 
 
 class _PeerInputIsNoError(logging.Filter):
@@ -43,6 +47,8 @@ class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.logger.addFilter(_FILTER)  # once: a logger keeps one copy of a filter
         self._held = False  # reading paused by us because the write buffer is full
+        self._close_bounded = False  # the socket ends at most `close_timeout` after our close
+        self.close_timeout = CLOSE_TIMEOUT_S
         # asyncio's Queue and Event reserve 4 KiB per socket in deques (api/inbox.py).
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag(True)  # type: ignore[assignment]
@@ -97,9 +103,62 @@ class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
             self._hold()
 
     async def send(self, message: Any) -> None:
-        await super().send(message)
-        if self._held and self.close_sent:
-            self._release()
+        if message["type"] == "websocket.close" and self._closes_now():
+            self._close_past_full_buffer(message.get("code", 1000), message.get("reason", "") or "")
+        else:
+            await super().send(message)
+        if self.close_sent:
+            self._bound_close()
+            if self._held:
+                self._release()
+
+    def handle_parser_exception(self) -> None:
+        super().handle_parser_exception()
+        self._bound_close()
+
+    def _closes_now(self) -> bool:
+        """uvicorn's close waits for the write buffer to drain first, as any send does: for a peer
+        that never reads, forever, and the relay's slow consumer (4008) with it. The close frame
+        is 30 bytes: it goes into the buffer past its high-water mark, after what waits there."""
+        return (
+            not self.writable.is_set()
+            and self.handshake_complete
+            and self.initial_response is None
+            and not self.close_sent
+            and not self.disconnected
+            and not self.transport.is_closing()
+        )
+
+    def _close_past_full_buffer(self, code: int, reason: str) -> None:
+        """uvicorn's own close (`send` of `websocket.close`), without the wait for the buffer."""
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _bound_close(self) -> None:
+        """At most `close_timeout` (uvicorn's, 10 s) from our close frame to the socket's end.
+
+        uvicorn then calls `transport.close()`, which first flushes the write buffer: a peer that
+        never reads keeps its socket, its file descriptor and up to the high-water mark of unsent
+        bytes (64 KiB) for as long as it stays connected. It cannot read its close code either,
+        which waits behind those bytes, so past the timeout what is unsent is dropped (an abort)."""
+        if self._close_bounded or self.disconnected:
+            return
+        self._close_bounded = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self._close_or_abort)
+
+    def _close_or_abort(self) -> None:
+        self.close_timer = None
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def _release(self) -> None:
         """Read again: the buffer drained, or our close went out (the peer's reply completes the

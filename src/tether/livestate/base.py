@@ -68,5 +68,11 @@ class LiveState(Protocol):
         """Heartbeats of this pod's devices recorded since the last call (for the database flush)."""
         ...
 
+    def take_lost(self) -> bool:
+        """True once after the live state lost this pod's entries (a Redis restart, or a partition
+        longer than the pod TTL): other pods may have cleared this pod's rows meanwhile, so the node
+        writes its ready devices' rows again."""
+        ...
+
     @property
     def healthy(self) -> bool: ...

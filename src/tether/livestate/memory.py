@@ -80,6 +80,9 @@ class MemoryLiveState:
         dirty, self._dirty = self._dirty, {}
         return dirty
 
+    def take_lost(self) -> bool:
+        return False  # in-process state cannot be lost while the process runs
+
     @property
     def healthy(self) -> bool:
         return True

@@ -67,6 +67,7 @@ class RedisLiveState:
         self.fleet: FleetNotes = self.notes
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._state_lost = False
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -197,6 +198,10 @@ class RedisLiveState:
     def take_dirty(self) -> dict[str, int]:
         return self.owned.take_dirty()
 
+    def take_lost(self) -> bool:
+        lost, self._state_lost = self._state_lost, False
+        return lost
+
     # ---- background: flush, refresh, recover --------------------------------------------
 
     async def _loop(self) -> None:
@@ -215,7 +220,9 @@ class RedisLiveState:
     async def _tick(self) -> None:
         # The pod key is rewritten every tick (one cheap SET): finding it gone is how a Redis restart
         # that redis-py's reconnect hid from us is noticed within a second.
-        if await self.pods.refresh_own() and not self.owned.needs_reassert:
+        gone = await self.pods.refresh_own()
+        self._state_lost = self._state_lost or gone
+        if gone and not self.owned.needs_reassert:
             log.warning(
                 "pod %s: Redis lost this pod's state (restart?); re-publishing %d leases",
                 self.pod_id,

@@ -215,11 +215,14 @@ class Relays:
         self.tasks.spawn(self._drop(sock, closes.SLOW_CONSUMER, "slow consumer: outbound queue full"))
 
     async def _drop(self, sock: ClientSocket, code: int, reason: str) -> None:
-        await sock.close(code, reason)
+        # Out of the fan-out before the close is awaited: a slow consumer's close waits on its
+        # socket, and meanwhile every relayed frame was still numbered and kept for it.
         self.history.forget(sock.id)
         watch = self.hub.watch_of(sock.connection_id)
         if watch is not None:
             watch.remove(sock)
+        await sock.close(code, reason)
+        if watch is not None:
             await self.hub.release(watch)
 
     def detach(self, watch: Watch, sock: ClientSocket) -> None:

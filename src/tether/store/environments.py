@@ -365,6 +365,21 @@ class EnvironmentsSql:
                 values["current_mode"] = update.current_mode
             await conn.execute(environments.update().where(environments.c.id == row.id).values(**values))
 
+    async def reclaim(self, pod_id: str, connection_ids: Sequence[str], now_ms: int) -> int:
+        if not connection_ids:
+            return 0
+        t = environments
+        at: sa.BindParameter[int] = sa.bindparam("at")
+        stmt = (
+            t.update()
+            .where(t.c.connection_id == sa.bindparam("cid"), t.c.pod_id.is_(None))
+            .values(connected_at=at, pod_id=sa.bindparam("pod"), last_heartbeat=at, last_seen_at=at)
+        )
+        params = [{"cid": c, "pod": pod_id, "at": now_ms} for c in connection_ids]
+        async with self.engine.begin() as conn:
+            result = await conn.execute(stmt, params)
+        return int(result.rowcount or 0)
+
     async def clear_dead_pods(self, live_pods: set[str], now_ms: int) -> int:
         t = environments
         conds: list[sa.ColumnElement[bool]] = [t.c.pod_id.is_not(None)]
