@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import hiredis
@@ -119,12 +120,25 @@ class RespConnection:
 
     async def call(self, *args: str | int) -> Any:
         """Send one command and wait for its reply."""
+        return await self._watched(self._call(args))
+
+    async def _call(self, args: tuple[str | int, ...]) -> Any:
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            protocol = await self._connect()
+        return await self._send(protocol, [args])[0]
+
+    async def pipeline(self, commands: list[tuple[str | int, ...]]) -> list[Any]:
+        """Send several commands in one write; their replies, in order (the first error raises)."""
+        result: list[Any] = await self._watched(self._pipeline(commands))
+        return result
+
+    async def _watched(self, work: Coroutine[Any, Any, Any]) -> Any:
+        """Run one exchange, telling the readiness watch whether Redis answered: an error reply is an
+        answer; a lost or refused connection is not; a cancelled caller says nothing."""
         token = self.watch.began(asyncio.get_running_loop().time())
         try:
-            protocol = self._protocol
-            if protocol is None or protocol.lost is not None:
-                protocol = await self._connect()
-            reply = await self._send(protocol, [args])[0]
+            reply = await work
         except _AWAY:
             self.watch.failed(token)
             raise
@@ -136,23 +150,6 @@ class RespConnection:
             raise
         self.watch.answered(token, asyncio.get_running_loop().time())
         return reply
-
-    async def pipeline(self, commands: list[tuple[str | int, ...]]) -> list[Any]:
-        """Send several commands in one write; their replies, in order (the first error raises)."""
-        token = self.watch.began(asyncio.get_running_loop().time())
-        try:
-            replies = await self._pipeline(commands)
-        except _AWAY:
-            self.watch.failed(token)
-            raise
-        except RedisError:
-            self.watch.answered(token, asyncio.get_running_loop().time())
-            raise
-        except BaseException:
-            self.watch.abandoned(token)
-            raise
-        self.watch.answered(token, asyncio.get_running_loop().time())
-        return replies
 
     async def _pipeline(self, commands: list[tuple[str | int, ...]]) -> list[Any]:
         protocol = self._protocol
