@@ -4,7 +4,7 @@ A reference device streams `bench_stream` bursts to a few well-behaved clients o
 checked: `seq` +1, each burst complete and in order, its device-to-client latency from the delta's
 own timestamp). Then 1,000 relay clients open their control+stream pair on the same scope, over raw
 sockets whose receive buffer is 4 KiB (SO_RCVBUF before the connect, so TCP really pushes back), and
-do not read: half never, half only from a few seconds after opening (by then past their queue).
+do not read: most never, a few only once the router counted their close.
 Judged: every slow socket is closed with 4008 (`SLOW_CONSUMER`) within a bound, the late readers read it,
 and the never-reading ones are dropped within the router's close timeout (their fds freed); the pod's
 RSS stays within the bound its configuration gives (per-socket queue, history and write buffer, times
@@ -50,10 +50,10 @@ CLOSE_BOUND_S = 60.0  # every slow socket closed within this of the last one ope
 OPEN_CONCURRENCY = 32
 # The pod is saturated while it fans the stream out to slow sockets not yet closed: an upgrade waits.
 OPEN_TIMEOUT_S = 60.0
-# Half the slow clients start reading this long after they opened: by then they overflowed (a few
-# hundred frames at the stream's rate) and, within the router's close timeout, must read their 4008.
-# The other half never read: the router drops them CLOSE_TIMEOUT_S after their close (fds freed).
-LATE_READ_S = 3.0
+# One slow socket in this many reads late: opened first, it starts reading once the router counted
+# its 4008 and must read it within the close timeout. The others never read: the router drops them
+# CLOSE_TIMEOUT_S after their close (their fds freed), unsent bytes and all.
+LATE_SHARE = 20
 FD_SLACK = 32  # the pod's open files once the slow sockets are gone, over its count before them
 # While the slow sockets open and fill, each costs the pod an upgrade and a few hundred frames
 # framed and written before its 4008: the fast clients' p99 then stays within this factor of before.
@@ -177,11 +177,11 @@ async def measure(run: Run) -> None:
         load=f"a reference device streaming {BURST}-delta bursts to {FAST_CLIENTS} well-behaved relay "
         "clients on one pod",
         faults=f"{pairs:,} relay clients (control+stream: {sockets:,} sockets, SO_RCVBUF {SLOW_RCVBUF} B) "
-        f"that do not read (half never, half from {LATE_READ_S:.0f} s after opening); pod "
+        f"that do not read ({100 // LATE_SHARE}% read once closed, the rest never); pod "
         f"TETHER_CLIENT_QUEUE_FRAMES={QUEUE_FRAMES}, "
         f"TETHER_HISTORY_FRAMES={HISTORY_FRAMES}",
         bound=f"every slow socket closed with {closes.SLOW_CONSUMER} within {CLOSE_BOUND_S:.0f} s (read by "
-        f"those reading {LATE_READ_S:.0f} s late); the never-reading ones dropped (fds freed) "
+        "those reading once closed); the never-reading ones dropped (fds freed) "
         f"{CLOSE_TIMEOUT_S:.0f} s (the close timeout) after their close; RSS ≤ "
         "baseline + sockets x (queue + history + write buffer + socket); fast clients: every frame in "
         "order, p99 latency after the slow sockets closed ≤ 2x the same clients' before (+2 ms), while "
@@ -216,19 +216,12 @@ async def measure(run: Run) -> None:
             async with httpx.AsyncClient() as http:
                 closes_before = await _slow_closes(http, server)
             fds_before = _open_fds(server.pid)
-            run.say(f"  opening {sockets:,} slow relay sockets (fd limit {fd_limit})")
-            late_codes: dict[int | None, int] = {}
-            late_tasks: list[asyncio.Task[None]] = []
-
-            async def read_late(sock: wire.RawSocket) -> None:
-                await asyncio.sleep(LATE_READ_S)
-                code = await sock.close_code(CLOSE_TIMEOUT_S + 30)
-                late_codes[code] = late_codes.get(code, 0) + 1
-
+            late_n = max(2, sockets // LATE_SHARE)
+            run.say(f"  opening {sockets:,} slow relay sockets ({late_n} to read late; fd limit {fd_limit})")
             gate = asyncio.Semaphore(OPEN_CONCURRENCY)
             refused: list[str] = []
 
-            async def open_slow(i: int) -> None:
+            async def open_slow(i: int, into: list[wire.RawSocket]) -> None:
                 channel = "control" if i % 2 == 0 else "stream"
                 async with gate:
                     try:
@@ -245,25 +238,39 @@ async def measure(run: Run) -> None:
                     refused.append(f"slow socket {i}: upgrade answered {sock.status}")
                     sock.abort()
                     return
-                if i % 4 < 2:  # both channels among the late readers
-                    late_tasks.append(asyncio.create_task(read_late(sock)))
-                else:
-                    slow.append(sock)
+                into.append(sock)
 
-            await asyncio.gather(*(open_slow(i) for i in range(sockets)))
+            async def closed_by_router_within(wanted: int, since: float) -> tuple[int, float | None]:
+                counted = 0
+                async with httpx.AsyncClient() as http:
+                    while time.monotonic() - since < CLOSE_BOUND_S * 2:
+                        counted = await _slow_closes(http, server) - closes_before
+                        if counted >= wanted:
+                            return counted, time.monotonic() - since
+                        await asyncio.sleep(0.25)
+                return counted, None
+
+            # The late readers first: once the router counted their 4008s, they read to their close
+            # frame, within the close timeout.
+            late_socks: list[wire.RawSocket] = []
+            await asyncio.gather(*(open_slow(i, late_socks) for i in range(late_n)))
+            _, late_closed_s = await closed_by_router_within(len(late_socks), time.monotonic())
+            late_codes: dict[int | None, int] = {}
+
+            async def read_late(sock: wire.RawSocket) -> None:
+                code = await sock.close_code(CLOSE_TIMEOUT_S)
+                late_codes[code] = late_codes.get(code, 0) + 1
+
+            await asyncio.gather(*(read_late(sock) for sock in late_socks))
+            slow.extend(late_socks)
+            never: list[wire.RawSocket] = []
+            await asyncio.gather(*(open_slow(i, never) for i in range(late_n, sockets)))
+            slow.extend(never)
             opened_at = time.monotonic()
             t_opened = time.time()
             run.say(f"  {len(slow):,} slow sockets open in {t_opened - t_slow:.1f} s; waiting for 4008s")
-            closed_by_router = 0
-            all_closed_s: float | None = None
-            async with httpx.AsyncClient() as http:
-                while time.monotonic() - opened_at < CLOSE_BOUND_S * 2:
-                    closed_by_router = await _slow_closes(http, server) - closes_before
-                    if closed_by_router >= len(slow):
-                        all_closed_s = time.monotonic() - opened_at
-                        break
-                    await asyncio.sleep(0.25)
-            # The never-reading half: dropped by the router CLOSE_TIMEOUT_S after its 4008.
+            closed_by_router, all_closed_s = await closed_by_router_within(len(slow), opened_at)
+            # The never-reading ones: dropped by the router CLOSE_TIMEOUT_S after their 4008.
             fds_closed = _open_fds(server.pid)
             freed_s: float | None = None
             while time.monotonic() - opened_at < (all_closed_s or CLOSE_BOUND_S) + CLOSE_TIMEOUT_S + 15:
@@ -273,7 +280,6 @@ async def measure(run: Run) -> None:
                 await asyncio.sleep(0.25)
             fds_freed = _open_fds(server.pid)
             run.say(f"  never-reading sockets freed at {freed_s or float('nan'):.1f} s ({fds_freed} pod fds)")
-            await asyncio.gather(*late_tasks)
             t_closed = time.time()
             rss_closed = server.rss_kib()
             await asyncio.sleep(phase_s)  # the fast clients go on with the closed slow sockets still there
@@ -302,7 +308,7 @@ async def measure(run: Run) -> None:
             )
             bound_kib = int(rss_before + sockets * per_socket_kib)
             late = sum(late_codes.values())
-            total = late + len(slow)
+            total = len(slow)
             if refused:
                 row.fail(f"{len(refused)} slow sockets refused: {refused[0]}")
             if server.proc.poll() is not None:
@@ -368,7 +374,8 @@ async def measure(run: Run) -> None:
                 "close_codes": {str(k): v for k, v in codes.items()},
                 "closed_by_router": closed_by_router,
                 "late_readers": late,
-                "never_reading": len(slow),
+                "late_closed_s": late_closed_s,
+                "never_reading": len(never),
                 "freed_s": freed_s,
                 "fds": {"before": fds_before, "closed": fds_closed, "freed": fds_freed},
                 "all_closed_s": all_closed_s,
