@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 hardening: $(STAMP)
+	$(BIN)/pytest -q -m slow
 	$(BIN)/python -m hardening
 
 clean:

@@ -14,6 +14,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import pytest
 from hardening import duplicates, dupsends, halfopen
 from hardening.cluster import pod, reference_device
 
@@ -42,6 +43,7 @@ async def test_a_frozen_device_reads_offline_then_comes_back_on_the_same_row(tmp
     assert [state for _, state in trial.states][-1] == "offline"
 
 
+@pytest.mark.slow  # the reaping rule itself is unit-tested in tests/protocol/test_lease_reaping.py
 async def test_a_control_socket_that_never_completes_its_pair_reads_connecting_and_is_reaped(
     tmp_path: Path,
 ) -> None:
@@ -57,6 +59,7 @@ async def test_a_control_socket_that_never_completes_its_pair_reads_connecting_a
     assert trial.problems == []
 
 
+@pytest.mark.slow  # `make hardening`'s duplicate_listeners row watches three such pairs for 5 minutes
 async def test_two_listeners_on_one_slot_end_with_one_owner(tmp_path: Path) -> None:
     async with pod(tmp_path, "dup") as server:
         api = halfopen.Api(server, server.key)
