@@ -181,7 +181,6 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from tether.api.fastpath import SocketsFirst
-    from tether.api.startup import StartupGate
     from tether.api.wsprotocol import TetherWebSocketProtocol
     from tether.app import create_app
 
@@ -215,7 +214,7 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings)
     config = uvicorn.Config(
-        StartupGate(SocketsFirst(app, gateway=settings.letta_url is not None), app.state),
+        SocketsFirst(app, gateway=settings.letta_url is not None),
         host=settings.host,
         port=settings.port,
         backlog=settings.listen_backlog,

@@ -15,7 +15,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from tether.api import device_socket, gateway, relay_socket
+from tether.api import device_socket, gateway, relay_socket, startup
 from tether.gateway.routes import served_here
 
 _DEVICE = re.compile(r"/v1/environments/ws/([^/]+)")
@@ -33,6 +33,12 @@ class SocketsFirst:
         return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The start-up gate lives here, not in a middleware of its own: every request passes this one
+        # dispatcher anyway, and a layer more would keep one more frame alive per device socket.
+        waiting = startup.waiting(getattr(self.app.state, "node", None), scope)
+        if waiting:
+            await startup.refuse(scope, receive, send, waiting)
+            return
         if scope["type"] == "websocket":
             path = scope["path"]
             device = _DEVICE.fullmatch(path)

@@ -9,8 +9,7 @@ the 1000 "Replaced" one; a relay client after anything but 1000/1001).
 
 from __future__ import annotations
 
-from starlette.datastructures import State
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from tether.api.errors import error_response
@@ -24,24 +23,13 @@ OPEN_PREFIXES = ("/docs/", "/ui")
 RETRY_AFTER_SECONDS = 1
 
 
-class StartupGate:
-    def __init__(self, app: ASGIApp, state: State) -> None:
-        self.app = app
-        self._state = state
-
-    @property
-    def state(self) -> State:
-        """The application's state (the node), for the server's drain on shutdown."""
-        return self._state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        node: Node | None = getattr(self._state, "node", None)
-        if scope["type"] in ("http", "websocket") and not _open(scope["path"]):
-            waiting = node.waiting_for if node is not None else ["start-up"]
-            if waiting:
-                await refuse(scope, receive, send, waiting)
-                return
-        await self.app(scope, receive, send)
+def waiting(node: Node | None, scope: Scope) -> list[str]:
+    """What a request must wait for before this pod serves it; empty once the pod is connected."""
+    if node is not None and node.connected:
+        return []  # the common case, checked first: one attribute read per request
+    if scope["type"] not in ("http", "websocket") or _open(scope["path"]):
+        return []
+    return node.waiting_for if node is not None else ["start-up"]
 
 
 def _open(path: str) -> bool:
